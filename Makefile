@@ -1,0 +1,36 @@
+# Quick start: `make demo` (set up + run the demo), `make test` (set up + run the suite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# torch is pinned to the CPU wheel that lies on this machine's disk; an unpinned
+# torch would pull a multi-GB CUDA build. On a GPU box, install your own torch first.
+TORCH_PIN ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: $(STAMP)
+	$(VENV)/bin/slidessl demo --out $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(VENV)/bin/slidessl bench attention
+	$(VENV)/bin/slidessl bench encoder
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
