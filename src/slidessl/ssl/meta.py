@@ -1,0 +1,213 @@
+"""Student/teacher meta-architecture for DINO, DINOv2 and DINOv2-grid slide pretraining.
+
+Composition after Caron et al. (DINO, ICCV 2021) and Oquab et al. (DINOv2, TMLR 2024):
+the student and the teacher each hold a slide encoder (``backbone``), a DINO head on the
+CLS token and, optionally, a separate iBOT head on the masked tile tokens (Zhou et al.,
+iBOT, ICLR 2022); KoLeo (Sablayrolles et al., ICLR 2019) spreads the student CLS. The
+teacher starts as a copy of the student, receives no gradient and follows the student as an
+exponential moving average (``update_teacher``) once per optimizer step.
+
+DINO loss pairs: every student crop (global and local) against every teacher global crop
+except a global crop against itself, averaged over the number of pairs; each pair is a batch
+mean, so the loss of a micro-batch scaled by its share of the global batch sums exactly to
+the loss of the whole batch. Teacher centres accumulate per micro-batch and move only in
+``update_centers`` (once per optimizer step, all-reduced across ranks).
+
+Example::
+
+    arch = SSLMetaArch(cfg)
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.04)
+    loss.backward(); optimizer.step()
+    arch.update_centers(); arch.update_teacher(momentum=0.996)
+    save_encoder(arch.teacher["backbone"], "out/teacher")
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from slidessl.ssl.dino_loss import DINOLoss
+from slidessl.ssl.heads import DINOHead
+from slidessl.ssl.ibot_loss import iBOTPatchLoss
+from slidessl.ssl.koleo_loss import KoLeoLoss
+
+__all__ = ["SSLMetaArch"]
+
+
+def _head(cfg: dict, in_dim: int) -> DINOHead:
+    return DINOHead(
+        in_dim,
+        int(cfg["out_dim"]),
+        hidden_dim=int(cfg["hidden_dim"]),
+        bottleneck_dim=int(cfg["bottleneck_dim"]),
+        nlayers=int(cfg["nlayers"]),
+    )
+
+
+def _freeze_prototype_norm(head: nn.Module) -> None:
+    """Fix the weight-norm magnitude ``g`` of the prototype layer at one (DINO's
+    ``norm_last_layer=True``): only the prototype directions train."""
+    para = getattr(head.last_layer, "parametrizations", None)
+    if para is not None and hasattr(para.weight, "original0"):
+        para.weight.original0.requires_grad_(False)
+
+
+class SSLMetaArch(nn.Module):
+    """``student`` / ``teacher``: ``ModuleDict(backbone, dino_head[, ibot_head])``."""
+
+    def __init__(self, cfg: dict, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        if backbone is None:
+            from slidessl.models.encoder import build_encoder
+
+            backbone = build_encoder(cfg["model"]["name"], **dict(cfg["model"]["overrides"]))
+        if cfg["train"].get("grad_checkpointing") and hasattr(backbone, "set_grad_checkpointing"):
+            backbone.set_grad_checkpointing(True)
+        embed_dim = int(backbone.embed_dim)
+        d, ib, ko = cfg["dino"], cfg["ibot"], cfg["koleo"]
+        self.dino_weight = float(d["loss_weight"])
+        self.ibot_weight = float(ib["loss_weight"])
+        self.koleo_weight = float(ko["loss_weight"])
+        self.sinkhorn = d["centering"] == "sinkhorn_knopp"
+        if self.ibot_weight > 0 and not ib["separate_head"] and int(ib["out_dim"]) != int(
+            d["out_dim"]
+        ):
+            raise ValueError(
+                "ibot.separate_head=false shares the DINO head, so ibot.out_dim must equal "
+                f"dino.out_dim ({ib['out_dim']} != {d['out_dim']})"
+            )
+        student = nn.ModuleDict({"backbone": backbone, "dino_head": _head(d, embed_dim)})
+        if self.ibot_weight > 0 and ib["separate_head"]:
+            student["ibot_head"] = _head(ib, embed_dim)
+        for name, module in student.items():
+            if name != "backbone":
+                _freeze_prototype_norm(module)
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.dino_loss = DINOLoss(int(d["out_dim"]), float(d["student_temp"]),
+                                  float(d["center_momentum"]))
+        self.ibot_loss = (
+            iBOTPatchLoss(int(ib["out_dim"]), float(ib["student_temp"]),
+                          float(ib["center_momentum"]))
+            if self.ibot_weight > 0 else None
+        )
+        self.koleo_loss = KoLeoLoss() if self.koleo_weight > 0 else None
+        self.monitor_batch: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout / drop-path
+        return self
+
+    def _ibot_head(self, part: nn.ModuleDict) -> nn.Module:
+        return part["ibot_head"] if "ibot_head" in part else part["dino_head"]
+
+    def _teacher_targets(self, loss: nn.Module, logits: torch.Tensor, temp: float):
+        if self.sinkhorn:
+            return loss.sinkhorn_knopp_teacher(logits, temp)
+        probs = loss.softmax_center_teacher(logits, temp)
+        loss.accumulate_center(logits)
+        return probs
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, batch: dict, teacher_temp: float):
+        return self.compute_loss(batch, teacher_temp)
+
+    def compute_loss(self, batch: dict, teacher_temp: float):
+        """Total loss of one (micro-)batch and a dict of detached per-term values.
+
+        Adds the teacher logits to the pending centre sums; the centres do not move here.
+        """
+        g, n_g, n_l = batch["global"], int(batch["n_global"]), int(batch["n_local"])
+        n_terms = n_g * (n_g - 1) + n_g * n_l
+        if n_terms == 0:
+            raise ValueError("DINO needs 2 global crops or at least one local crop per slide")
+        mask = g.get("ibot_mask") if self.ibot_loss is not None else None
+        if self.ibot_loss is not None and mask is None:
+            raise ValueError("ibot.loss_weight > 0 but the batch has no global ibot_mask "
+                             "(enable iBOT masking in the crops: section)")
+        logs: dict[str, torch.Tensor] = {}
+
+        with torch.no_grad():
+            t_out = self.teacher["backbone"].forward_features(
+                g["features"], g["coords"], padding_mask=g["padding_mask"]
+            )
+            t_logits = self.teacher["dino_head"](t_out["cls"])
+            t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
+            self.monitor_batch = {"teacher_logits": t_logits.detach().float(),
+                                  "teacher_cls": t_out["cls"].detach().float()}
+            if mask is not None:
+                t_patch = self._ibot_head(self.teacher)(t_out["tokens"][mask])
+                t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
+
+        s_out = self.student["backbone"].forward_features(
+            g["features"], g["coords"], padding_mask=g["padding_mask"], token_mask=mask
+        )
+        s_global = self.student["dino_head"](s_out["cls"]).chunk(n_g)
+        s_local: tuple[torch.Tensor, ...] = ()
+        if n_l > 0:
+            loc = batch["local"]
+            l_out = self.student["backbone"].forward_features(
+                loc["features"], loc["coords"], padding_mask=loc["padding_mask"]
+            )
+            s_local = self.student["dino_head"](l_out["cls"]).chunk(n_l)
+
+        dino = s_global[0].new_zeros((), dtype=torch.float32)
+        if n_l > 0:
+            dino = dino + self.dino_loss(list(s_local), list(t_probs))
+        for i in range(n_g):
+            others = [t for j, t in enumerate(t_probs) if j != i]
+            if others:
+                dino = dino + self.dino_loss([s_global[i]], others)
+        dino = dino / n_terms
+        logs["dino_loss"] = dino.detach()
+        total = self.dino_weight * dino
+
+        if mask is not None:
+            s_patch = self._ibot_head(self.student)(s_out["tokens"][mask])
+            ibot = self.ibot_loss.forward_masked(s_patch, t_patch_probs, mask)
+            logs["ibot_loss"] = ibot.detach()
+            total = total + self.ibot_weight * ibot
+        if self.koleo_loss is not None:
+            if s_out["cls"].shape[0] < 2 * n_g:
+                raise ValueError("koleo.loss_weight > 0 needs train.batch_size >= 2 "
+                                 "(KoLeo compares slides within a micro-batch)")
+            koleo = sum(self.koleo_loss(c) for c in s_out["cls"].chunk(n_g))
+            logs["koleo_loss"] = koleo.detach()
+            total = total + self.koleo_weight * koleo
+        logs["loss"] = total.detach()
+        return total, logs
+
+    # ------------------------------------------------------------------ per optimizer step
+    @torch.no_grad()
+    def update_centers(self) -> None:
+        """Apply the pending centre sums (all-reduced across ranks) once per optimizer step."""
+        if self.sinkhorn:
+            return
+        self.dino_loss.apply_center_update()
+        if self.ibot_loss is not None:
+            self.ibot_loss.apply_center_update()
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: ``teacher = momentum * teacher + (1 - momentum) * student``, all parts."""
+        for name in self.student:
+            s_params = [p.detach() for p in self.student[name].parameters()]
+            t_params = [p.detach() for p in self.teacher[name].parameters()]
+            if len(s_params) != len(t_params):
+                raise RuntimeError(f"student/teacher '{name}' parameter lists differ")
+            torch._foreach_mul_(t_params, momentum)
+            torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+    def centers(self) -> dict[str, torch.Tensor]:
+        out = {"dino": self.dino_loss.center}
+        if self.ibot_loss is not None:
+            out["ibot"] = self.ibot_loss.center
+        return out

@@ -1,0 +1,120 @@
+"""Atomic training checkpoints and RNG state capture.
+
+A checkpoint is written to a temporary file in the target folder, flushed and fsync'ed,
+then moved into place with ``os.replace`` (atomic on POSIX), and the folder is fsync'ed, so
+a crash mid-write never leaves a truncated ``ckpt-*.pt`` that ``--resume`` would pick up.
+Only the last ``keep`` checkpoints are kept.
+
+Files are named ``ckpt-<step:08d>.pt`` and hold a dict with the model, optimizer, grad
+scaler, loss centres, step, epoch, sampler position, data-order seed and all RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "capture_rng_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "worker_seed",
+]
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def worker_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """A 32-bit seed derived from ``(seed, epoch, step, rank)`` (independent streams)."""
+    ss = np.random.SeedSequence([int(seed), int(epoch), int(step), int(rank)])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def capture_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - libraries may use it
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Checkpoints in ``folder`` sorted by step (oldest first)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    ckpts = list_checkpoints(folder)
+    return ckpts[-1] if ckpts else None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, folder: str | Path, step: int, keep: int = 3) -> Path:
+    """Write ``state`` atomically as ``folder/ckpt-<step>.pt``; delete all but the last ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"ckpt-{int(step):08d}.pt"
+    fd, tmp_name = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, final)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(folder)
+    if keep > 0:
+        for old in list_checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error if unreadable."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise ValueError(f"{path}: not a readable slidessl checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or "student" not in state or "step" not in state:
+        raise ValueError(f"{path}: not a slidessl training checkpoint (missing student/step)")
+    return state

@@ -1,0 +1,230 @@
+"""``pretrain(cfg)``: the training loop behind ``slidessl pretrain``.
+
+Builds the data pipeline, the student/teacher meta-architecture, AdamW with layer-wise
+decay and the schedules; runs optimizer steps of ``train.accum_steps`` micro-batches each
+(:mod:`slidessl.train.step`); logs metrics and collapse monitors; writes atomic checkpoints
+and, at the end, exports the teacher backbone to ``OUT/teacher/`` and ``OUT/summary.json``.
+
+``resume=True`` continues from the newest ``OUT/checkpoints/ckpt-*.pt``: model, optimizer,
+centres, RNG states, epoch and position inside the epoch are restored, so on CPU the
+resumed run reproduces the losses and final weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slidessl.train import checkpoint as ckpt_io
+from slidessl.train.config import dump_config
+from slidessl.train.data import CropDataset, build_multicrop, build_slide_dataset, make_loader
+from slidessl.train.distributed import (
+    SlideShardSampler,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from slidessl.train.monitor import CollapseMonitor, MetricsWriter, NonFiniteGuard, collapse_stats
+from slidessl.train.optim import build_optimizer
+from slidessl.train.schedules import build_schedules
+from slidessl.train.step import optimizer_step
+from slidessl.train.summary import RunStats, export_teacher, write_summary
+
+__all__ = ["pretrain"]
+
+log = logging.getLogger(__name__)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - legacy global state, seeded too
+    torch.manual_seed(seed)
+
+
+def _state(arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg) -> dict:
+    return {
+        "format": "slidessl-train-1",
+        "student": arch.student.state_dict(),
+        "teacher": arch.teacher.state_dict(),
+        "centers": {k: v.detach().cpu().clone() for k, v in arch.centers().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "sampler": sampler.state_dict(),
+        "data_seed": int(cfg["seed"]),
+        "rng": ckpt_io.capture_rng_state(),
+        "nan_guard": guard.state_dict(),
+        "monitor": monitor.state_dict(),
+        "stats": stats.state_dict(),
+        "encoder_config": dict(getattr(arch.teacher["backbone"], "config", {}) or {}),
+        "config": cfg,
+    }
+
+
+def _restore(path: Path, arch, optimizer, scaler, guard, monitor, stats, device) -> dict:
+    state = ckpt_io.load_checkpoint(path, map_location=device)
+    arch.student.load_state_dict(state["student"])
+    arch.teacher.load_state_dict(state["teacher"])
+    for key, center in arch.centers().items():
+        center.copy_(state["centers"][key].to(center.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state["nan_guard"])
+    monitor.load_state_dict(state["monitor"])
+    stats.load_state_dict(state["stats"])
+    ckpt_io.restore_rng_state(state["rng"])
+    return state
+
+
+def pretrain(cfg: dict, resume: bool = False) -> Path:
+    """Train with ``cfg`` (from :func:`slidessl.train.config.load_config`); return the run folder.
+
+    Also works under ``torchrun`` (one process per GPU, or gloo processes on CPU).
+    """
+    t = cfg["train"]
+    ctx = init_distributed(t["device"], cfg["distributed"]["backend"],
+                           float(cfg["distributed"]["timeout_minutes"]))
+    try:
+        return _pretrain(cfg, ctx, resume)
+    finally:
+        ctx.close()
+
+
+def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
+    t, device = cfg["train"], ctx.device
+    out = Path(cfg["out"])
+    ckpt_dir = out / "checkpoints"
+    fsdp = ctx.distributed and cfg["distributed"]["strategy"] == "fsdp"
+    if fsdp:  # every rank saves its own shards
+        ckpt_dir = ckpt_dir / f"rank{ctx.rank}"
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    seed = int(cfg["seed"])
+    _seed_everything(seed)
+
+    slides = build_slide_dataset(cfg)
+    crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed)
+    micro, accum = int(t["batch_size"]), int(t["accum_steps"])
+    global_batch = micro * accum * ctx.world_size
+    sampler = SlideShardSampler(len(crops), global_batch, ctx.world_size, ctx.rank, seed,
+                                steps_per_epoch=t["steps_per_epoch"])
+    steps_per_epoch = sampler.steps_per_epoch
+    epochs = int(t["epochs"])
+    total_steps = epochs * steps_per_epoch
+    stop_at = total_steps if t["max_steps"] is None else min(total_steps, int(t["max_steps"]))
+    schedules = build_schedules(cfg, steps_per_epoch, global_batch)
+
+    arch = _build_arch(cfg).to(device)
+    arch.train()
+    optimizer = build_optimizer(arch.student, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
+    model = wrap_model(arch, ctx, cfg)
+    m = cfg["monitor"]
+    monitor = CollapseMonitor(m["entropy_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
+    guard = NonFiniteGuard(int(t["max_nan_steps"]))
+    stats = RunStats()
+    step = 0
+    if resume:
+        latest = ckpt_io.latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        state = _restore(latest, arch, optimizer, scaler, guard, monitor, stats, device)
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", latest, step)
+    writer = MetricsWriter(out, bool(t["tensorboard"]), resume=resume) if ctx.is_main else None
+    if writer is not None and resume:
+        writer.truncate_after(step)
+    if ctx.is_main:
+        log.info("pretrain: %d slides, %d step(s)/epoch x %d epoch(s), global batch %d "
+                 "(%d x %d accum x %d proc), device %s", len(crops), steps_per_epoch, epochs,
+                 global_batch, micro, accum, ctx.world_size, device)
+
+    bar = _progress(t, ctx, stop_at, step)
+    log_every, ckpt_every = max(int(t["log_every"]), 1), int(t["checkpoint_every"])
+    keep = int(t["keep_checkpoints"])
+    try:
+        while step < stop_at:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
+            loader = make_loader(crops, sampler, cfg, epoch, ctx.rank, device)
+            batches = iter(loader)
+            while step < stop_at and step // steps_per_epoch == epoch:
+                t0 = time.perf_counter()
+                micro_batches = [b for b in (next(batches) for _ in range(accum)) if b is not None]
+                t_data = time.perf_counter() - t0
+                if not micro_batches:
+                    raise RuntimeError(f"step {step}: every slide of the batch was skipped as bad")
+                sched = schedules.at(step)
+                res = optimizer_step(model, arch, optimizer, micro_batches, sched, device=device,
+                                     precision=t["precision"], clip_grad=cfg["optim"]["clip_grad"])
+                step_time = time.perf_counter() - t0
+                stats.add(res, t_data, step_time)
+                if not res["finite"]:
+                    guard.record(step, res.get("loss", float("nan")))
+                step += 1
+                if ctx.is_main and (step % log_every == 0 or step == stop_at):
+                    row = _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor)
+                    writer.write(row)
+                    stats.last_monitors = dict(monitor.last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{res.get('loss', float('nan')):.4f}",
+                                    lr=f"{sched['lr']:.2e}",
+                                    slides_s=f"{res['slides'] / max(step_time, 1e-9):.2f}")
+                if (ctx.is_main or fsdp) and (
+                    ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
+                ):
+                    state = _state(arch, optimizer, scaler, step, step // steps_per_epoch,
+                                   sampler, guard, monitor, stats, cfg)
+                    ckpt_io.save_checkpoint(state, ckpt_dir, step, keep)
+            del batches, loader
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    export_teacher(arch, out / "teacher", ctx.is_main)  # collective under FSDP
+    if ctx.is_main:
+        skipped = list(getattr(slides, "skipped", []))
+        write_summary(out, stats, monitor, guard, skipped, step, stop_at, cfg)
+    return out
+
+
+def _build_arch(cfg: dict):
+    from slidessl.ssl.meta import SSLMetaArch
+
+    return SSLMetaArch(cfg)
+
+
+def _progress(t: dict, ctx, total: int, initial: int):
+    if not (t["progress"] and ctx.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+def _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor) -> dict:
+    mb = unwrap(arch).monitor_batch
+    row = {"step": step, "epoch": epoch}
+    row.update({k: res[k] for k in sorted(res) if k.endswith("loss") or k == "loss"})
+    row.update({
+        "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
+        "teacher_temp": sched["teacher_temp"], "grad_norm": res["grad_norm"],
+        "slides_per_s": res["slides"] / max(step_time, 1e-9),
+        "data_wait_frac": t_data / max(step_time, 1e-9), "finite": res["finite"],
+    })
+    if mb:
+        center = None if arch.sinkhorn else arch.dino_loss.center
+        stats = collapse_stats(mb["teacher_logits"], center, sched["teacher_temp"],
+                               mb["teacher_cls"])
+        monitor.check(stats, step)
+        row.update(stats)
+    return row

@@ -1,0 +1,110 @@
+"""One optimizer step over k micro-batches, exactly equivalent to one k-times batch.
+
+Each micro-batch's loss is scaled by its share of the slides in the step, so the summed
+gradient equals the gradient of the big batch's mean loss; gradients are all-reduced only on
+the last micro-step (DDP ``no_sync``); the teacher centres, the schedules and the EMA update
+happen once per optimizer step, after all micro-batches. A non-finite loss on any rank skips
+the whole step on every rank (gradients, centre sums and the EMA update are dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from slidessl.train.data import to_device
+from slidessl.train.distributed import all_reduce_sum, maybe_no_sync
+from slidessl.train.optim import apply_schedules, drop_frozen_grads
+
+__all__ = ["autocast_context", "optimizer_step"]
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CPU or GPU when ``precision == 'bf16'``; nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _discard_pending_centers(arch: nn.Module) -> None:
+    for loss in (arch.dino_loss, arch.ibot_loss):
+        if loss is not None and hasattr(loss, "_pending_sum"):
+            loss._pending_sum = None
+            loss._pending_count = 0
+
+
+def optimizer_step(
+    model: nn.Module,
+    arch: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict],
+    sched: dict[str, float],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    clip_grad: float | None = None,
+) -> dict[str, float]:
+    """Run forward/backward on every micro-batch, then one optimizer + centre + EMA update.
+
+    ``model`` is the (possibly DDP-wrapped) ``arch``. Returns the step's logs: the slide-
+    weighted mean of each loss term over all ranks, ``grad_norm``, ``slides`` (global) and
+    ``finite`` (0.0 when the step was skipped).
+    """
+    apply_schedules(optimizer, sched["lr"], sched["wd"], bool(sched["last_layer_frozen"]))
+    optimizer.zero_grad(set_to_none=True)
+    sizes = [int(b["batch_size"]) for b in micro_batches]
+    local_slides = float(sum(sizes))
+    world_slides = all_reduce_sum(torch.tensor([local_slides], device=device))
+    # Each rank's share: with DDP averaging over ranks, scale so the global sum is the mean.
+    world = max(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                1)
+    sums: dict[str, torch.Tensor] = {}
+    finite = True
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        weight = sizes[i] / local_slides if local_slides else 0.0
+        with maybe_no_sync(model, sync=i == len(micro_batches) - 1):
+            with autocast_context(device, precision):
+                loss, logs = model(batch, float(sched["teacher_temp"]))
+            if not torch.isfinite(loss.detach()).all():
+                finite = False
+            (loss * weight).backward()
+        for key, value in logs.items():
+            term = value.detach().float() * sizes[i]
+            sums[key] = sums[key] + term if key in sums else term
+
+    flag = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=device))
+    finite = bool(flag.item() == 0)
+    keys = sorted(sums)
+    stacked = all_reduce_sum(torch.stack([sums[k] for k in keys]))
+    total = world_slides.clamp_min(1.0)
+    out = {k: float(v) for k, v in zip(keys, stacked / total)}
+    out["slides"] = float(world_slides.item())
+    out["world"] = float(world)
+
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        _discard_pending_centers(arch)
+        out["finite"] = 0.0
+        out["grad_norm"] = float("nan")
+        return out
+    if sched["last_layer_frozen"]:
+        drop_frozen_grads(optimizer)
+    params = [p for p in arch.student.parameters() if p.grad is not None]
+    if clip_grad is not None and clip_grad > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, float(clip_grad))
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    optimizer.step()
+    arch.update_centers()
+    arch.update_teacher(float(sched["momentum"]))
+    out["finite"] = 1.0
+    out["grad_norm"] = float(norm) if norm is not None else 0.0
+    if not math.isfinite(out["grad_norm"]):
+        out["grad_norm"] = float("nan")
+    return out
