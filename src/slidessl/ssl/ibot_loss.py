@@ -1,0 +1,111 @@
+"""iBOT masked-token loss: the student predicts the teacher's patch distribution on masked tokens.
+
+Reference: Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer" (ICLR 2022),
+Eq. 2 (masked image modelling by self-distillation of patch tokens), as used in Oquab et
+al., "DINOv2" (TMLR 2024). Here the "patches" are the tiles of a slide crop, masked in 2-D
+blocks on the tile grid (``slidessl.data.masking``).
+
+Each masked token contributes ``-sum_k p_t log softmax(s / student_temp)``; a sample's
+tokens are averaged (weight ``1 / n_masked(sample)``) and the sum is divided by the number of
+samples in the batch, masked or not (DINOv2's ``forward_masked``).
+
+Example::
+
+    >>> import torch
+    >>> loss_fn = iBOTPatchLoss(out_dim=32)
+    >>> masks = torch.zeros(2, 10, dtype=torch.bool); masks[0, :4] = True
+    >>> t = torch.randn(4, 32)                                   # teacher logits, masked tokens
+    >>> probs = loss_fn.softmax_center_teacher(t, teacher_temp=0.04)
+    >>> loss = loss_fn.forward_masked(torch.randn(4, 32), probs, masks)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slidessl.ssl.centering import CenteredLoss
+from slidessl.ssl.sinkhorn import sinkhorn_knopp
+
+__all__ = ["iBOTPatchLoss"]
+
+
+class iBOTPatchLoss(CenteredLoss):  # noqa: N801 - the paper's spelling
+    """Patch-token self-distillation on masked tokens; same centre API as ``DINOLoss``."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__(out_dim, center_momentum)
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = float(student_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self,
+        t_logits: torch.Tensor,
+        teacher_temp: float,
+        n_iterations: int = 3,
+        n_masked_total: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp over the masked teacher tokens (M, K) of all ranks.
+
+        ``n_masked_total`` is the number of masked tokens over all ranks; by default it is
+        all-reduced from the local count.
+        """
+        rows = self._check_logits(t_logits, "sinkhorn_knopp_teacher")
+        return sinkhorn_knopp(rows, teacher_temp, n_iterations, n_samples=n_masked_total).reshape(
+            t_logits.shape
+        )
+
+    def _token_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if s.shape != t.shape:
+            raise ValueError(
+                f"iBOTPatchLoss: student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}"
+            )
+        self._check_logits(s, "forward")
+        return (t.float() * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(dim=-1)
+
+    def forward(
+        self,
+        student_patch_logits: torch.Tensor,
+        teacher_patch_probs: torch.Tensor,
+        masks: torch.Tensor,
+    ) -> torch.Tensor:
+        """Dense form: logits/probs (B, N, K), ``masks`` (B, N) bool (True = masked token)."""
+        if masks.shape != student_patch_logits.shape[:-1]:
+            raise ValueError(
+                f"iBOTPatchLoss: masks shape {tuple(masks.shape)} does not match tokens "
+                f"{tuple(student_patch_logits.shape[:-1])}"
+            )
+        per_token = self._token_loss(student_patch_logits, teacher_patch_probs)
+        m = masks.float()
+        per_sample = (per_token * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+        return -per_sample.mean()
+
+    def forward_masked(
+        self,
+        student_patch_logits: torch.Tensor,
+        teacher_patch_probs: torch.Tensor,
+        masks: torch.Tensor,
+        masks_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed form: logits/probs (M, K) of the masked tokens, in ``masks.nonzero()`` order.
+
+        ``masks`` is (B, N) bool; ``M`` must equal ``masks.sum()``. ``masks_weight`` (M,)
+        overrides the per-token weight ``1 / n_masked(sample)``.
+        """
+        if masks.dim() != 2 or masks.dtype != torch.bool:
+            raise ValueError(
+                f"iBOTPatchLoss: masks must be (B, N) bool, got {masks.dtype} {tuple(masks.shape)}"
+            )
+        n_masked = int(masks.sum())
+        if student_patch_logits.shape[0] != n_masked:
+            raise ValueError(
+                f"iBOTPatchLoss: {student_patch_logits.shape[0]} masked logits but masks hold "
+                f"{n_masked} masked tokens"
+            )
+        per_token = self._token_loss(student_patch_logits, teacher_patch_probs)
+        if masks_weight is None:
+            per_sample = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
+            masks_weight = (1.0 / per_sample).expand_as(masks)[masks]
+        return -(per_token * masks_weight).sum() / masks.shape[0]

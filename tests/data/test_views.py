@@ -1,0 +1,212 @@
+import numpy as np
+import pytest
+import torch
+from _crop_slides import random_slide
+
+from slidessl.data.grid import spatial_order
+from slidessl.data.views import MultiCrop, MultiCropConfig
+
+NO_AUG = {"flip": False, "rot90": False}
+
+
+def _all_crops(out):
+    return [(True, c) for c in out["global"]] + [(False, c) for c in out["local"]]
+
+
+def test_default_crops_shapes_order_and_content(rng):
+    slide = random_slide(rng)
+    cfg = MultiCropConfig()
+    out = MultiCrop(cfg)(slide, rng)
+    assert out["slide_id"] == "slide"
+    assert (len(out["global"]), len(out["local"])) == (2, 8)
+    grid = slide["grid"].numpy()
+    for is_global, crop in _all_crops(out):
+        rows, coords = crop["rows"].numpy(), crop["coords"].numpy()
+        n = len(rows)
+        assert n >= (cfg.global_min_tiles if is_global else cfg.local_min_tiles)
+        assert n <= (cfg.global_max_tiles if is_global else cfg.local_max_tiles)
+        assert len(np.unique(rows)) == n
+        torch.testing.assert_close(crop["features"], slide["features"][crop["rows"]])
+        assert coords.min() == 0 and coords.dtype == np.int64
+        # tokens in Hilbert order of the coordinates the model sees
+        np.testing.assert_array_equal(spatial_order(coords, "hilbert"), np.arange(n))
+        # rotations/flips keep the geometry: L1 distances between tokens are unchanged
+        sub = rng.choice(n, size=min(n, 20), replace=False)
+        d_true = np.abs(grid[rows][sub, None] - grid[rows][None, sub]).sum(-1)
+        d_crop = np.abs(coords[sub, None] - coords[None, sub]).sum(-1)
+        np.testing.assert_array_equal(d_true, d_crop)
+        assert ("ibot_mask" in crop) == is_global
+
+
+def test_without_augmentation_coords_are_shifted_true_positions(rng):
+    slide = random_slide(rng)
+    out = MultiCrop(MultiCropConfig(**NO_AUG))(slide, rng)
+    for _, crop in _all_crops(out):
+        g = slide["grid"][crop["rows"]]
+        torch.testing.assert_close(crop["coords"], g - g.min(dim=0).values)
+
+
+def test_scales_control_crop_size(rng):
+    slide = random_slide(rng)
+    n = len(slide["grid"])
+    cfg = MultiCropConfig(
+        global_scale=(1.0, 1.0),
+        aspect_ratio=(1.0, 1.0),
+        n_local=4,
+        local_scale=(0.05, 0.1),
+        **NO_AUG,
+    )
+    out = MultiCrop(cfg)(slide, rng)
+    for crop in out["global"]:
+        assert len(crop["rows"]) == n  # the whole bounding box
+    for crop in out["local"]:
+        assert len(crop["rows"]) < 0.5 * n
+        span = crop["coords"].max(dim=0).values + 1
+        box = (slide["grid"].max(dim=0).values + 1).prod()
+        assert span.prod() <= 0.15 * box + 2 * span.sum()
+
+
+def test_min_tiles_fallback_on_sparse_slide(rng):
+    # two far-apart clusters: most windows are empty, the minimum must still hold
+    a = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2)
+    grid = np.concatenate([a, a + 200])
+    slide = {
+        "slide_id": "sparse",
+        "index": 3,
+        "features": torch.randn(len(grid), 4),
+        "grid": torch.from_numpy(grid),
+    }
+    cfg = MultiCropConfig(
+        global_min_tiles=30,
+        local_min_tiles=20,
+        local_scale=(0.01, 0.02),
+        global_scale=(0.01, 0.02),
+        max_tries=3,
+    )
+    out = MultiCrop(cfg)(slide, rng)
+    for is_global, crop in _all_crops(out):
+        assert len(crop["rows"]) >= (30 if is_global else 20)
+
+
+def test_min_tiles_clamped_to_small_slides(rng):
+    slide = {
+        "slide_id": "tiny",
+        "index": 0,
+        "features": torch.randn(5, 3),
+        "grid": torch.tensor([[0, 0], [1, 0], [4, 4], [9, 2], [3, 7]]),
+    }
+    out = MultiCrop(MultiCropConfig())(slide, rng)
+    for crop in out["global"] + out["local"]:
+        assert len(crop["rows"]) == 5
+
+
+def test_cap_is_spatially_uniform(rng):
+    slide = random_slide(rng, size=60, n_blobs=1)
+    cfg = MultiCropConfig(
+        global_scale=(1.0, 1.0),
+        aspect_ratio=(1.0, 1.0),
+        global_max_tiles=100,
+        global_min_tiles=10,
+        n_local=0,
+        **NO_AUG,
+    )
+    out = MultiCrop(cfg)(slide, rng)
+    grid = slide["grid"].numpy()
+    for crop in out["global"]:
+        kept = grid[crop["rows"].numpy()]
+        assert len(kept) == 100
+        # each half of the tissue (split at the median x) keeps about half of the tiles
+        left = (kept[:, 0] <= np.median(grid[:, 0])).mean()
+        assert 0.35 < left < 0.65
+
+
+def test_compact_layout_crops_are_full(rng):
+    slide = random_slide(rng, size=70)
+    cfg = MultiCropConfig(layout="compact", position_coords="packed", **NO_AUG)
+    out = MultiCrop(cfg)(slide, rng)
+    for _, crop in _all_crops(out):
+        coords = crop["coords"].numpy()
+        span = coords.max(axis=0) + 1
+        # a window on the packed square: every cell filled except part of the last row
+        assert len(coords) >= span.prod() - span[0]
+
+
+def test_compact_layout_keeps_true_positions_by_default(rng):
+    slide = random_slide(rng, size=50)
+    out = MultiCrop(MultiCropConfig(layout="compact", **NO_AUG))(slide, rng)
+    for _, crop in _all_crops(out):
+        g = slide["grid"][crop["rows"]]
+        torch.testing.assert_close(crop["coords"], g - g.min(dim=0).values)
+
+
+def test_feature_noise_is_relative_to_feature_std(rng):
+    slide = random_slide(rng, size=60)
+    slide["features"][:, 2:] *= 7.0
+    cfg = MultiCropConfig(feature_noise=0.2, global_scale=(1.0, 1.0), aspect_ratio=(1.0, 1.0))
+    out = MultiCrop(cfg)(slide, rng)
+    crop = out["global"][0]
+    diff = crop["features"] - slide["features"][crop["rows"]]
+    ratio = diff[:, 2:].std() / slide["features"][:, 2:].std(dim=0).mean()
+    assert 0.17 < float(ratio) < 0.23
+
+
+def test_token_drop_fraction(rng):
+    slide = random_slide(rng, size=60)
+    n = len(slide["grid"])
+    cfg = MultiCropConfig(token_drop=0.4, global_scale=(1.0, 1.0), aspect_ratio=(1.0, 1.0))
+    out = MultiCrop(cfg)(slide, rng)
+    assert len(out["global"][0]["rows"]) == round(0.6 * n)
+
+
+def test_ibot_masks_on_global_crops(rng):
+    slide = random_slide(rng)
+    cfg = MultiCropConfig(mask_probability=1.0, mask_ratio=(0.3, 0.3))
+    out = MultiCrop(cfg)(slide, rng)
+    for crop in out["global"]:
+        m = crop["ibot_mask"]
+        assert m.dtype == torch.bool and m.shape == crop["rows"].shape
+        assert int(m.sum()) == round(0.3 * len(m))
+    off = MultiCrop(MultiCropConfig(mask_probability=0.0))(slide, rng)
+    assert not any(bool(c["ibot_mask"].any()) for c in off["global"])
+
+
+def test_same_seed_same_crops():
+    slide = random_slide(np.random.default_rng(1))
+    cfg = MultiCropConfig(feature_noise=0.1, token_drop=0.1)
+    a = MultiCrop(cfg)(slide, np.random.default_rng(7))
+    b = MultiCrop(cfg)(slide, np.random.default_rng(7))
+    for ca, cb in zip(a["global"] + a["local"], b["global"] + b["local"]):
+        for key in ca:
+            torch.testing.assert_close(ca[key], cb[key])
+
+
+@pytest.mark.parametrize(
+    "section, needle",
+    [
+        ({"n_globals": 2}, "unknown crops option"),
+        ({"global_scale": (0.5, 0.2)}, "global_scale"),
+        ({"local_scale": (0.0, 0.2)}, "local_scale"),
+        ({"layout": "square"}, "layout"),
+        ({"token_drop": 1.0}, "token_drop"),
+        ({"local_max_tiles": 4}, "local_max_tiles"),
+        ({"packing": "random"}, "packing"),
+        ({"mask_ratio": (0.2, 1.5)}, "mask_ratio"),
+    ],
+)
+def test_config_errors_name_the_option(section, needle):
+    with pytest.raises(ValueError, match=needle):
+        MultiCropConfig.from_dict(section)
+
+
+def test_bad_slides_name_the_slide(rng):
+    crop = MultiCrop(MultiCropConfig())
+    empty = {
+        "slide_id": "s-empty",
+        "features": torch.zeros(0, 4),
+        "grid": torch.zeros(0, 2, dtype=torch.long),
+    }
+    with pytest.raises(ValueError, match="s-empty.*no tiles"):
+        crop(empty, rng)
+    bad = {"slide_id": "s-bad", "features": torch.zeros(3, 4), "grid": torch.zeros(4, 2)}
+    with pytest.raises(ValueError, match="s-bad.*grid"):
+        crop(bad, rng)
