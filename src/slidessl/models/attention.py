@@ -1,0 +1,185 @@
+"""Dense and dilated (LongNet) self-attention with key-padding masks.
+
+Dilated attention follows LongNet (Ding et al., 2023, "LongNet: Scaling Transformers to
+1,000,000,000 Tokens", arXiv:2307.02486) as implemented in microsoft/torchscale: for each
+branch ``(w, r)`` the spatially ordered sequence is cut into segments of ``w`` tokens (one
+segment when ``w >= N``); inside a segment head group ``j`` keeps the positions whose offset
+``t`` satisfies ``t % r == j``; attention runs inside each sparse segment; the branch outputs
+are combined per position and head with weights ``softmax_i(lse_i)``, the softmax
+denominators. Unlike the published code, a partial last segment and padded slides are
+*masked*: no padded key ever receives softmax mass.
+
+Tensors use the layout ``(B, N, H, D)`` (the natural view of a linear projection); the
+``padding_mask`` is ``(B, N)`` bool with True = padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from slidessl.models.lse import attention_with_lse
+
+__all__ = [
+    "branch_index",
+    "dense_attention",
+    "dilated_attention",
+    "validate_branches",
+]
+
+_INDEX_CACHE: dict = {}
+
+
+def validate_branches(segments, dilations) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check ``segments``/``dilations`` and return them as tuples of positive ints."""
+    segments = tuple(int(s) for s in segments)
+    dilations = tuple(int(r) for r in dilations)
+    if not segments or len(segments) != len(dilations):
+        raise ValueError(
+            f"segments {list(segments)} and dilations {list(dilations)} must be non-empty "
+            "lists of the same length"
+        )
+    if any(s < 1 for s in segments) or any(r < 1 for r in dilations):
+        raise ValueError(f"segments {list(segments)} and dilations {list(dilations)} must be >= 1")
+    return segments, dilations
+
+
+def branch_index(n: int, heads: int, segment: int, dilation: int, device) -> tuple:
+    """Sparse-segment layout of one branch.
+
+    Returns ``(index, valid, all_valid, n_seg, seg_len)`` where ``index`` is a ``(n_seg * seg_len,
+    heads)`` long tensor of sequence positions (clamped into range) and ``valid`` a bool
+    tensor of the same shape marking real positions. Head ``h`` belongs to group
+    ``h // ceil(heads / r)`` (torchscale pads heads to a multiple of ``r``), and keeps the
+    in-segment offsets ``group + r * l``.
+    """
+    key = (n, heads, segment, dilation, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    w = min(segment, n)
+    n_seg = -(-n // w)
+    r = dilation
+    seg_len = -(-w // r)
+    per_group = -(-heads // r)
+    group = torch.arange(heads) // per_group  # (H,)
+    offset = group[None, :] + r * torch.arange(seg_len)[:, None]  # (L, H)
+    pos = torch.arange(n_seg)[:, None, None] * w + offset[None]  # (S, L, H)
+    valid = (offset[None] < w) & (pos < n)
+    index = torch.where(valid, pos, torch.zeros_like(pos)).reshape(n_seg * seg_len, heads)
+    valid = valid.reshape(n_seg * seg_len, heads)
+    out = (index.to(device), valid.to(device), bool(valid.all()), n_seg, seg_len)
+    if len(_INDEX_CACHE) > 256:
+        _INDEX_CACHE.clear()
+    _INDEX_CACHE[key] = out
+    return out
+
+
+def dense_attention(q, k, v, padding_mask=None):
+    """Full softmax attention with fused SDPA; ``q, k, v`` are ``(B, N, H, D)``."""
+    mask = None
+    if padding_mask is not None:
+        mask = (~padding_mask)[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    out = out.transpose(1, 2)
+    if padding_mask is not None:
+        out = out.masked_fill(padding_mask[:, :, None, None], 0.0)
+    return out
+
+
+def _gather(x, index):
+    """``x`` (B, N, H, D), ``index`` (M, H) -> (B, M, H, D)."""
+    b, _, h, d = x.shape
+    idx = index[None, :, :, None].expand(b, -1, h, d)
+    return torch.gather(x, 1, idx)
+
+
+def _branch(q, k, v, padding_mask, segment, dilation, exact_grad):
+    """One LongNet branch: returns sparse ``out`` (B, M, H, D), ``lse`` (B, M, H), index."""
+    b, n, h, d = q.shape
+    w = min(segment, n)
+    if dilation == 1 and n % w == 0:
+        # contiguous segments: a free view, no gather
+        n_seg, seg_len = n // w, w
+        index = None
+        qs, ks, vs = (t.view(b, n_seg, w, h, d) for t in (q, k, v))
+        key_valid = None if padding_mask is None else (~padding_mask).view(b, n_seg, w, 1)
+        key_valid = None if key_valid is None else key_valid.expand(b, n_seg, w, h)
+    else:
+        index, valid, all_valid, n_seg, seg_len = branch_index(n, h, segment, dilation, q.device)
+        qs, ks, vs = (_gather(t, index).view(b, n_seg, seg_len, h, d) for t in (q, k, v))
+        key_valid = valid.view(1, n_seg, seg_len, h).expand(b, -1, -1, -1)
+        if padding_mask is not None:
+            pm = torch.gather(padding_mask, 1, index.reshape(1, -1).expand(b, -1))
+            key_valid = key_valid & ~pm.view(b, n_seg, seg_len, h)
+        if all_valid and padding_mask is None:
+            key_valid = None
+    # (B, S, L, H, D) -> (B*S, H, L, D)
+    to4 = lambda t: t.transpose(2, 3).reshape(b * n_seg, h, seg_len, d)  # noqa: E731
+    mask4 = None
+    if key_valid is not None:
+        mask4 = key_valid.transpose(2, 3).reshape(b * n_seg, h, 1, seg_len)
+    out, lse = attention_with_lse(to4(qs), to4(ks), to4(vs), mask4, exact_grad=exact_grad)
+    out = out.view(b, n_seg, h, seg_len, d).transpose(2, 3).reshape(b, n_seg * seg_len, h, d)
+    lse = lse.view(b, n_seg, h, seg_len).transpose(2, 3).reshape(b, n_seg * seg_len, h)
+    if key_valid is not None:
+        # a query whose key set is empty (a padded query) gets no weight
+        q_valid = key_valid.reshape(b, n_seg * seg_len, h)
+        lse = lse.masked_fill(~q_valid, float("-inf"))
+    return out, lse, index
+
+
+def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
+    """LongNet dilated attention over ``(B, N, H, D)`` tensors; returns ``(B, N, H, D)``.
+
+    ``exact_grad=True`` back-propagates through the branch weights (the LSE); the
+    published code treats them as constants, which ``exact_grad=False`` reproduces.
+    """
+    segments, dilations = validate_branches(segments, dilations)
+    b, n, h, d = q.shape
+    if padding_mask is not None and not bool(padding_mask.any()):
+        padding_mask = None
+    if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
+        return dense_attention(q, k, v, padding_mask)
+    parts = [_branch(q, k, v, padding_mask, s, r, exact_grad) for s, r in zip(segments, dilations)]
+    # per position and head: log of the summed softmax denominators over branches
+    dense_lse = []
+    for out, lse, index in parts:
+        if index is None:
+            dense_lse.append(lse)
+        else:
+            full = lse.new_full((b, n + 1, h), float("-inf"))
+            idx = torch.where(lse.isfinite(), index[None].expand(b, -1, -1), n)
+            dense_lse.append(full.scatter(1, idx, lse)[:, :n])
+    log_z = torch.logsumexp(torch.stack(dense_lse), dim=0)
+    log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
+    result = None
+    for (out, lse, index), lse_dense in zip(parts, dense_lse):
+        if index is None:
+            term = out * torch.exp(lse_dense - log_z).unsqueeze(-1).to(out.dtype)
+        else:
+            weight = torch.exp(lse - torch.gather(log_z, 1, index[None].expand(b, -1, -1)))
+            term_sparse = out * weight.unsqueeze(-1).to(out.dtype)
+            idx = index[None, :, :, None].expand(b, -1, h, d)
+            term = out.new_zeros((b, n, h, d)).scatter_add(1, idx, term_sparse)
+        result = term if result is None else result + term
+    if padding_mask is not None:
+        result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
+    return result
+
+
+def attention_flops(n: int, dim: int, segments=None, dilations=None) -> float:
+    """Multiply-add FLOPs (x2) of the attention core (QK^T and PV) for one sequence."""
+    if segments is None:
+        return 4.0 * n * n * dim
+    total = 0.0
+    for s, r in zip(segments, dilations):
+        w = min(s, n)
+        n_seg = math.ceil(n / w)
+        seg_len = math.ceil(w / r)
+        total += 4.0 * n_seg * seg_len * seg_len * dim
+    return total

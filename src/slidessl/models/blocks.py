@@ -1,0 +1,105 @@
+"""Transformer blocks of the slide encoder (pre-norm, optional MAGNETO sub-LN).
+
+Module names follow torchscale's encoder layer (``self_attn.{q,k,v,out}_proj``,
+``self_attn.inner_attn_ln``, ``self_attn_layer_norm``, ``ffn.{fc1,fc2,ffn_layernorm}``,
+``final_layer_norm``) so that Prov-GigaPath weights map one to one. Sub-LN is MAGNETO
+(Wang et al., 2022, "Foundation Transformers", arXiv:2210.06423): an extra LayerNorm
+before the attention output projection and before ``fc2``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidessl.models.attention import dense_attention, dilated_attention
+
+__all__ = ["DropPath", "SelfAttention", "FeedForward", "Block"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al., 2016, "Deep Networks with Stochastic Depth")."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, dense (``segments=None``) or LongNet dilated."""
+
+    def __init__(self, dim, num_heads, segments=None, dilations=None, subln=True, eps=1e-5,
+                 exact_grad=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.segments = None if segments is None else list(segments)
+        self.dilations = None if dilations is None else list(dilations)
+        self.exact_grad = exact_grad
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.inner_attn_ln = nn.LayerNorm(dim, eps=eps) if subln else None
+
+    def forward(self, x, padding_mask=None):
+        b, n, e = x.shape
+        h = self.num_heads
+        q = self.q_proj(x).view(b, n, h, e // h)
+        k = self.k_proj(x).view(b, n, h, e // h)
+        v = self.v_proj(x).view(b, n, h, e // h)
+        if self.segments is None:
+            out = dense_attention(q, k, v, padding_mask)
+        else:
+            out = dilated_attention(
+                q, k, v, self.segments, self.dilations, padding_mask, exact_grad=self.exact_grad
+            )
+        out = out.reshape(b, n, e)
+        if self.inner_attn_ln is not None:
+            out = self.inner_attn_ln(out)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    """``fc1 -> GELU -> [LayerNorm] -> fc2`` (torchscale's FFN with sub-LN)."""
+
+    def __init__(self, dim, hidden, subln=True, eps=1e-5, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ffn_layernorm = nn.LayerNorm(hidden, eps=eps) if subln else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = F.gelu(self.fc1(x).float()).type_as(x)
+        if self.ffn_layernorm is not None:
+            x = self.ffn_layernorm(x)
+        return self.dropout(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``."""
+
+    def __init__(self, dim, num_heads, mlp_dim, segments=None, dilations=None, subln=True,
+                 eps=1e-5, drop_path=0.0, dropout=0.0, exact_grad=True):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = SelfAttention(dim, num_heads, segments, dilations, subln, eps, exact_grad)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, mlp_dim, subln, eps, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        y = self.self_attn(self.self_attn_layer_norm(x), padding_mask)
+        x = x + self.drop_path(self.dropout(y))
+        x = x + self.drop_path(self.ffn(self.final_layer_norm(x)))
+        return x

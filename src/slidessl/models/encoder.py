@@ -1,0 +1,206 @@
+"""The slide encoder: tile embeddings + grid coordinates -> slide embedding.
+
+A ViT over tiles (Dosovitskiy et al., 2021) with LongNet dilated attention (Ding et al.,
+2023, arXiv:2307.02486), as in Prov-GigaPath's slide encoder (Xu et al., 2024, Nature):
+input projection, 2-D sin-cos positions from grid coordinates, a CLS token, pre-norm blocks
+with MAGNETO sub-LN, final LayerNorm. Exposes ``forward_features`` / ``forward`` (timm
+style), a mask token for iBOT (Zhou et al., 2022) and an activation-checkpointing switch.
+
+Example::
+
+    enc = build_encoder("tiny", in_dim=384)
+    out = enc.forward_features(x, coords, padding_mask)   # x (B,N,384), coords (B,N,2)
+    slide = out["pooled"]                                 # (B, 64)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from slidessl.models.attention import validate_branches
+from slidessl.models.blocks import Block
+from slidessl.models.posenc import POS_MODES, sincos_2d
+
+__all__ = ["SlideEncoder", "build_encoder", "PRESETS", "DEFAULT_SEGMENTS", "DEFAULT_DILATIONS"]
+
+# Chosen from `slidessl bench attention` (docs/performance.md): 10x fewer attention FLOPs
+# than dense at 16k tokens while every token still sees a 1024-token neighbourhood at r=1.
+DEFAULT_SEGMENTS = (1024, 4096, 16384, 65536)
+DEFAULT_DILATIONS = (1, 4, 8, 16)
+GIGAPATH_SEGMENTS = (1024, 5792, 32768, 185363, 1048576)
+GIGAPATH_DILATIONS = (1, 2, 4, 8, 16)
+
+_DEFAULTS = dict(
+    in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072,
+    attention="dilated", segments=DEFAULT_SEGMENTS, dilations=DEFAULT_DILATIONS,
+    subln=True, subln_init=True, encoder_norm=False, block_eps=1e-5, norm_eps=1e-6,
+    pos_mode="xy", pool="cls", drop_path_rate=0.0, dropout=0.0,
+    grad_checkpointing=False, exact_grad=True,
+)
+
+PRESETS: dict[str, dict] = {
+    # CPU demo / tests: trains in minutes
+    "tiny": dict(in_dim=64, embed_dim=64, depth=2, num_heads=4, mlp_dim=128,
+                 segments=(64, 256, 1024), dilations=(1, 2, 4)),
+    "small": dict(in_dim=1536, embed_dim=256, depth=6, num_heads=8, mlp_dim=1024),
+    "base": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072),
+    # Prov-GigaPath slide encoder (gigapath_slide_enc12l768d) layout and positions
+    "gigapath": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072,
+                     segments=GIGAPATH_SEGMENTS, dilations=GIGAPATH_DILATIONS,
+                     encoder_norm=True, pos_mode="gigapath", drop_path_rate=0.1),
+}
+
+
+class SlideEncoder(nn.Module):
+    """Slide encoder; ``SlideEncoder(**encoder.config)`` rebuilds the same architecture."""
+
+    def __init__(self, **config):
+        super().__init__()
+        unknown = set(config) - set(_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown SlideEncoder option(s) {sorted(unknown)}; "
+                             f"known: {sorted(_DEFAULTS)}")
+        cfg = {**_DEFAULTS, **config}
+        cfg["segments"], cfg["dilations"] = (list(t) for t in validate_branches(
+            cfg["segments"], cfg["dilations"]))
+        if cfg["attention"] not in ("dilated", "dense"):
+            raise ValueError(f"attention must be 'dilated' or 'dense', got {cfg['attention']!r}")
+        if cfg["pos_mode"] not in POS_MODES:
+            raise ValueError(f"pos_mode must be one of {POS_MODES}, got {cfg['pos_mode']!r}")
+        if cfg["pool"] not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {cfg['pool']!r}")
+        if cfg["embed_dim"] % 4 or cfg["embed_dim"] % cfg["num_heads"]:
+            raise ValueError(f"embed_dim {cfg['embed_dim']} must be divisible by 4 and by "
+                             f"num_heads {cfg['num_heads']}")
+        self.config = cfg
+        self.in_dim, self.embed_dim, self.depth = cfg["in_dim"], cfg["embed_dim"], cfg["depth"]
+        self.grad_checkpointing = bool(cfg["grad_checkpointing"])
+        e = self.embed_dim
+        self.patch_embed = nn.Linear(self.in_dim, e)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, e))
+        dilated = cfg["attention"] == "dilated"
+        dpr = np.linspace(0.0, cfg["drop_path_rate"], self.depth) if self.depth else []
+        self.blocks = nn.ModuleList(
+            Block(e, cfg["num_heads"], cfg["mlp_dim"],
+                  cfg["segments"] if dilated else None, cfg["dilations"] if dilated else None,
+                  cfg["subln"], cfg["block_eps"], float(dpr[i]), cfg["dropout"],
+                  cfg["exact_grad"])
+            for i in range(self.depth)
+        )
+        self.encoder_norm = nn.LayerNorm(e, eps=cfg["block_eps"]) if cfg["encoder_norm"] else None
+        self.norm = nn.LayerNorm(e, eps=cfg["norm_eps"])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform linears, zero biases, N(0, 0.02) CLS; MAGNETO sub-LN scaling."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.zeros_(self.mask_token)
+        if self.config["subln"] and self.config["subln_init"] and self.depth:
+            gain = math.sqrt(math.log(2 * self.depth))
+            for blk in self.blocks:
+                for lin in (blk.ffn.fc1, blk.ffn.fc2, blk.self_attn.out_proj,
+                            blk.self_attn.v_proj):
+                    lin.weight.data.mul_(gain)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+        self.config["grad_checkpointing"] = bool(enable)
+
+    def _check(self, x, coords, padding_mask, token_mask):
+        if x.ndim != 3 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"features must be (B, N, {self.in_dim}), got {tuple(x.shape)}")
+        if coords.shape != x.shape[:2] + (2,):
+            raise ValueError(f"coords must be (B, N, 2) = {tuple(x.shape[:2]) + (2,)}, "
+                             f"got {tuple(coords.shape)}")
+        for name, m in (("padding_mask", padding_mask), ("token_mask", token_mask)):
+            if m is not None and (m.shape != x.shape[:2] or m.dtype != torch.bool):
+                raise ValueError(f"{name} must be bool (B, N) = {tuple(x.shape[:2])}, "
+                                 f"got {m.dtype} {tuple(m.shape)}")
+
+    def forward_features(self, x, coords, padding_mask=None, token_mask=None,
+                         return_layers=False) -> dict:
+        """Return ``{"cls", "tokens", "pooled"}`` (+ ``"embed"``, ``"layers"`` on request).
+
+        ``padding_mask`` True = padding; ``token_mask`` True = replace the token by the
+        mask token (iBOT). ``layers`` are the raw block outputs (B, 1+N, E), ``embed`` the
+        block input; ``cls``/``tokens`` come after the final norm.
+        """
+        self._check(x, coords, padding_mask, token_mask)
+        h = self.patch_embed(x)
+        if token_mask is not None:
+            h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype), h)
+        h = h + sincos_2d(coords, self.embed_dim, self.config["pos_mode"]).to(h.dtype)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+        mask = None
+        if padding_mask is not None:
+            mask = torch.cat([padding_mask.new_zeros(h.shape[0], 1), padding_mask], dim=1)
+            h = h.masked_fill(mask.unsqueeze(-1), 0.0)
+        layers = []
+        embed = h
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(blk, h, mask, use_reentrant=False)
+            else:
+                h = blk(h, mask)
+            if return_layers:
+                layers.append(h)
+        if self.encoder_norm is not None:
+            h = self.encoder_norm(h)
+        out = self.norm(h)
+        result = {"cls": out[:, 0], "tokens": out[:, 1:]}
+        result["pooled"] = result["cls"] if self.config["pool"] == "cls" else self._mean(h, mask)
+        if return_layers:
+            result["embed"] = embed
+            result["layers"] = layers
+        return result
+
+    def _mean(self, h, mask):
+        """Final norm of the mean over real tokens (CLS excluded), as Prov-GigaPath pools."""
+        tok = h[:, 1:]
+        if mask is None:
+            return self.norm(tok.mean(dim=1))
+        keep = (~mask[:, 1:]).unsqueeze(-1).to(tok.dtype)
+        return self.norm((tok * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+    def embed(self, x, coords, padding_mask=None, layers=None) -> torch.Tensor:
+        """Slide embedding (B, E); with ``layers`` (indices into the blocks, negatives ok) the
+        concatenation of those layers' pooled outputs (B, E * len(layers))."""
+        if layers is None:
+            return self.forward_features(x, coords, padding_mask)["pooled"]
+        out = self.forward_features(x, coords, padding_mask, return_layers=True)
+        mask = None
+        if padding_mask is not None:
+            mask = torch.cat([padding_mask.new_zeros(x.shape[0], 1), padding_mask], dim=1)
+        pooled = []
+        for i in layers:
+            h = out["layers"][i]
+            pooled.append(self.norm(h)[:, 0] if self.config["pool"] == "cls" else
+                          self._mean(h, mask))
+        return torch.cat(pooled, dim=-1)
+
+    def forward(self, x, coords, padding_mask=None) -> torch.Tensor:
+        """Slide embedding (B, E): CLS, or the token mean for ``pool="mean"``."""
+        return self.forward_features(x, coords, padding_mask)["pooled"]
+
+
+def build_encoder(name: str = "tiny", **overrides) -> SlideEncoder:
+    """Build a preset (``tiny``, ``small``, ``base``, ``gigapath``) with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown encoder preset {name!r}; choose from {sorted(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[name])
+    cfg.update(overrides)
+    return SlideEncoder(**cfg)
