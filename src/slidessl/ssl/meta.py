@@ -72,8 +72,10 @@ class SSLMetaArch(nn.Module):
         self.ibot_weight = float(ib["loss_weight"])
         self.koleo_weight = float(ko["loss_weight"])
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
-        if self.ibot_weight > 0 and not ib["separate_head"] and int(ib["out_dim"]) != int(
-            d["out_dim"]
+        if (
+            self.ibot_weight > 0
+            and not ib["separate_head"]
+            and int(ib["out_dim"]) != int(d["out_dim"])
         ):
             raise ValueError(
                 "ibot.separate_head=false shares the DINO head, so ibot.out_dim must equal "
@@ -90,12 +92,15 @@ class SSLMetaArch(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self.dino_loss = DINOLoss(int(d["out_dim"]), float(d["student_temp"]),
-                                  float(d["center_momentum"]))
+        self.dino_loss = DINOLoss(
+            int(d["out_dim"]), float(d["student_temp"]), float(d["center_momentum"])
+        )
         self.ibot_loss = (
-            iBOTPatchLoss(int(ib["out_dim"]), float(ib["student_temp"]),
-                          float(ib["center_momentum"]))
-            if self.ibot_weight > 0 else None
+            iBOTPatchLoss(
+                int(ib["out_dim"]), float(ib["student_temp"]), float(ib["center_momentum"])
+            )
+            if self.ibot_weight > 0
+            else None
         )
         self.koleo_loss = KoLeoLoss() if self.koleo_weight > 0 else None
         self.monitor_batch: dict[str, torch.Tensor] = {}
@@ -131,8 +136,10 @@ class SSLMetaArch(nn.Module):
             raise ValueError("DINO needs 2 global crops or at least one local crop per slide")
         mask = g.get("ibot_mask") if self.ibot_loss is not None else None
         if self.ibot_loss is not None and mask is None:
-            raise ValueError("ibot.loss_weight > 0 but the batch has no global ibot_mask "
-                             "(enable iBOT masking in the crops: section)")
+            raise ValueError(
+                "ibot.loss_weight > 0 but the batch has no global ibot_mask "
+                "(enable iBOT masking in the crops: section)"
+            )
         logs: dict[str, torch.Tensor] = {}
 
         with torch.no_grad():
@@ -141,8 +148,10 @@ class SSLMetaArch(nn.Module):
             )
             t_logits = self.teacher["dino_head"](t_out["cls"])
             t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
-            self.monitor_batch = {"teacher_logits": t_logits.detach().float(),
-                                  "teacher_cls": t_out["cls"].detach().float()}
+            self.monitor_batch = {
+                "teacher_logits": t_logits.detach().float(),
+                "teacher_cls": t_out["cls"].detach().float(),
+            }
             if mask is not None:
                 t_patch = self._ibot_head(self.teacher)(t_out["tokens"][mask])
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
@@ -177,8 +186,10 @@ class SSLMetaArch(nn.Module):
             total = total + self.ibot_weight * ibot
         if self.koleo_loss is not None:
             if s_out["cls"].shape[0] < 2 * n_g:
-                raise ValueError("koleo.loss_weight > 0 needs train.batch_size >= 2 "
-                                 "(KoLeo compares slides within a micro-batch)")
+                raise ValueError(
+                    "koleo.loss_weight > 0 needs train.batch_size >= 2 "
+                    "(KoLeo compares slides within a micro-batch)"
+                )
             koleo = sum(self.koleo_loss(c) for c in s_out["cls"].chunk(n_g))
             logs["koleo_loss"] = koleo.detach()
             total = total + self.koleo_weight * koleo

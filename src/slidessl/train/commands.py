@@ -21,10 +21,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="recipe YAML (path or shipped name)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config and exit")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUT/checkpoints",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_pretrain)
 
 

@@ -77,8 +77,9 @@ def _free_paths(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def merge(base: dict, update: dict, *, source: str, prefix: str = "",
-          free: set[str] | None = None) -> dict:
+def merge(
+    base: dict, update: dict, *, source: str, prefix: str = "", free: set[str] | None = None
+) -> dict:
     """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error.
 
     Sections listed in ``free`` (dotted paths; by default those that are empty mappings in
@@ -104,6 +105,8 @@ def merge(base: dict, update: dict, *, source: str, prefix: str = "",
             raise ConfigError(
                 f"{source}: '{dotted}' is a section; expected a mapping, got {value!r}"
             )
+        elif isinstance(value, dict) and current is not None and not isinstance(current, dict):
+            raise ConfigError(f"{source}: '{dotted}' is a value, not a section; got {value!r}")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -174,6 +177,15 @@ def _require(cond: bool, message: str) -> None:
 
 def validate(cfg: dict) -> None:
     """Check value ranges that would otherwise fail deep inside training."""
+    try:
+        _validate(cfg)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"config value of the wrong type: {exc}") from exc
+
+
+def _validate(cfg: dict) -> None:
     t, o, tea = cfg["train"], cfg["optim"], cfg["teacher"]
     _require(int(t["batch_size"]) >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}")
     _require(int(t["accum_steps"]) >= 1, f"train.accum_steps must be >= 1, got {t['accum_steps']}")

@@ -88,8 +88,9 @@ def pretrain(cfg: dict, resume: bool = False) -> Path:
     Also works under ``torchrun`` (one process per GPU, or gloo processes on CPU).
     """
     t = cfg["train"]
-    ctx = init_distributed(t["device"], cfg["distributed"]["backend"],
-                           float(cfg["distributed"]["timeout_minutes"]))
+    ctx = init_distributed(
+        t["device"], cfg["distributed"]["backend"], float(cfg["distributed"]["timeout_minutes"])
+    )
     try:
         return _pretrain(cfg, ctx, resume)
     finally:
@@ -113,15 +114,21 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed)
     micro, accum = int(t["batch_size"]), int(t["accum_steps"])
     global_batch = micro * accum * ctx.world_size
-    sampler = SlideShardSampler(len(crops), global_batch, ctx.world_size, ctx.rank, seed,
-                                steps_per_epoch=t["steps_per_epoch"])
+    sampler = SlideShardSampler(
+        len(crops),
+        global_batch,
+        ctx.world_size,
+        ctx.rank,
+        seed,
+        steps_per_epoch=t["steps_per_epoch"],
+    )
     steps_per_epoch = sampler.steps_per_epoch
     epochs = int(t["epochs"])
     total_steps = epochs * steps_per_epoch
     stop_at = total_steps if t["max_steps"] is None else min(total_steps, int(t["max_steps"]))
     schedules = build_schedules(cfg, steps_per_epoch, global_batch)
 
-    arch = _build_arch(cfg).to(device)
+    arch = _build_arch(cfg, _feature_dim(slides)).to(device)
     arch.train()
     optimizer = build_optimizer(arch.student, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
@@ -142,9 +149,18 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     if writer is not None and resume:
         writer.truncate_after(step)
     if ctx.is_main:
-        log.info("pretrain: %d slides, %d step(s)/epoch x %d epoch(s), global batch %d "
-                 "(%d x %d accum x %d proc), device %s", len(crops), steps_per_epoch, epochs,
-                 global_batch, micro, accum, ctx.world_size, device)
+        log.info(
+            "pretrain: %d slides, %d step(s)/epoch x %d epoch(s), global batch %d "
+            "(%d x %d accum x %d proc), device %s",
+            len(crops),
+            steps_per_epoch,
+            epochs,
+            global_batch,
+            micro,
+            accum,
+            ctx.world_size,
+            device,
+        )
 
     bar = _progress(t, ctx, stop_at, step)
     log_every, ckpt_every = max(int(t["log_every"]), 1), int(t["checkpoint_every"])
@@ -162,8 +178,16 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if not micro_batches:
                     raise RuntimeError(f"step {step}: every slide of the batch was skipped as bad")
                 sched = schedules.at(step)
-                res = optimizer_step(model, arch, optimizer, micro_batches, sched, device=device,
-                                     precision=t["precision"], clip_grad=cfg["optim"]["clip_grad"])
+                res = optimizer_step(
+                    model,
+                    arch,
+                    optimizer,
+                    micro_batches,
+                    sched,
+                    device=device,
+                    precision=t["precision"],
+                    clip_grad=cfg["optim"]["clip_grad"],
+                )
                 step_time = time.perf_counter() - t0
                 stats.add(res, t_data, step_time)
                 if not res["finite"]:
@@ -175,14 +199,26 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                     stats.last_monitors = dict(monitor.last)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{res.get('loss', float('nan')):.4f}",
-                                    lr=f"{sched['lr']:.2e}",
-                                    slides_s=f"{res['slides'] / max(step_time, 1e-9):.2f}")
+                    bar.set_postfix(
+                        loss=f"{res.get('loss', float('nan')):.4f}",
+                        lr=f"{sched['lr']:.2e}",
+                        slides_s=f"{res['slides'] / max(step_time, 1e-9):.2f}",
+                    )
                 if (ctx.is_main or fsdp) and (
                     ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
                 ):
-                    state = _state(arch, optimizer, scaler, step, step // steps_per_epoch,
-                                   sampler, guard, monitor, stats, cfg)
+                    state = _state(
+                        arch,
+                        optimizer,
+                        scaler,
+                        step,
+                        step // steps_per_epoch,
+                        sampler,
+                        guard,
+                        monitor,
+                        stats,
+                        cfg,
+                    )
                     ckpt_io.save_checkpoint(state, ckpt_dir, step, keep)
             del batches, loader
     finally:
@@ -197,10 +233,26 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     return out
 
 
-def _build_arch(cfg: dict):
+def _feature_dim(slides) -> int:
+    dim = getattr(slides, "feature_dim", None)
+    if dim is None:
+        dim = int(slides[0]["features"].shape[1])
+    return int(dim)
+
+
+def _build_arch(cfg: dict, feature_dim: int):
+    """The meta-architecture; the encoder's ``in_dim`` follows the data's feature dimension."""
+    from slidessl.models.encoder import build_encoder
     from slidessl.ssl.meta import SSLMetaArch
 
-    return SSLMetaArch(cfg)
+    overrides = dict(cfg["model"]["overrides"])
+    if "in_dim" in overrides and int(overrides["in_dim"]) != feature_dim:
+        raise ValueError(
+            f"model.overrides.in_dim={overrides['in_dim']} but the slides in "
+            f"{cfg['data']['manifest']} have {feature_dim}-dimensional features"
+        )
+    overrides["in_dim"] = feature_dim
+    return SSLMetaArch(cfg, backbone=build_encoder(cfg["model"]["name"], **overrides))
 
 
 def _progress(t: dict, ctx, total: int, initial: int):
@@ -215,16 +267,23 @@ def _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor) -> dict:
     mb = unwrap(arch).monitor_batch
     row = {"step": step, "epoch": epoch}
     row.update({k: res[k] for k in sorted(res) if k.endswith("loss") or k == "loss"})
-    row.update({
-        "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
-        "teacher_temp": sched["teacher_temp"], "grad_norm": res["grad_norm"],
-        "slides_per_s": res["slides"] / max(step_time, 1e-9),
-        "data_wait_frac": t_data / max(step_time, 1e-9), "finite": res["finite"],
-    })
+    row.update(
+        {
+            "lr": sched["lr"],
+            "wd": sched["wd"],
+            "momentum": sched["momentum"],
+            "teacher_temp": sched["teacher_temp"],
+            "grad_norm": res["grad_norm"],
+            "slides_per_s": res["slides"] / max(step_time, 1e-9),
+            "data_wait_frac": t_data / max(step_time, 1e-9),
+            "finite": res["finite"],
+        }
+    )
     if mb:
         center = None if arch.sinkhorn else arch.dino_loss.center
-        stats = collapse_stats(mb["teacher_logits"], center, sched["teacher_temp"],
-                               mb["teacher_cls"])
+        stats = collapse_stats(
+            mb["teacher_logits"], center, sched["teacher_temp"], mb["teacher_cls"]
+        )
         monitor.check(stats, step)
         row.update(stats)
     return row

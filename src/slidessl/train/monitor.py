@@ -101,7 +101,10 @@ class NonFiniteGuard:
         self.steps.append(int(step))
         log.warning(
             "step %d: non-finite loss (%s); step skipped (%d/%d)",
-            step, loss, self.count, self.max_count,
+            step,
+            loss,
+            self.count,
+            self.max_count,
         )
         if self.count >= self.max_count:
             raise FloatingPointError(

@@ -72,9 +72,7 @@ def build_schedules(cfg: dict, steps_per_epoch: int, global_batch: int) -> Sched
     temp_warmup = min(int(round(float(tea["warmup_temp_epochs"]) * steps_per_epoch)), total)
     return Schedules(
         lr=CosineSchedule(lr, float(o["min_lr"]), total, warmup, 0.0),
-        weight_decay=CosineSchedule(
-            float(o["weight_decay"]), float(o["weight_decay_end"]), total
-        ),
+        weight_decay=CosineSchedule(float(o["weight_decay"]), float(o["weight_decay_end"]), total),
         momentum=CosineSchedule(float(tea["momentum"]), float(tea["momentum_end"]), total),
         # warm-up to the final temperature, then constant (DINO's teacher_temp schedule)
         teacher_temp=CosineSchedule(

@@ -59,8 +59,7 @@ def optimizer_step(
     local_slides = float(sum(sizes))
     world_slides = all_reduce_sum(torch.tensor([local_slides], device=device))
     # Each rank's share: with DDP averaging over ranks, scale so the global sum is the mean.
-    world = max(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-                1)
+    world = max(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, 1)
     sums: dict[str, torch.Tensor] = {}
     finite = True
     for i, batch in enumerate(micro_batches):

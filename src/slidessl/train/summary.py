@@ -32,9 +32,14 @@ class RunStats:
         self.slides += float(res.get("slides", 0.0))
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "terms": {k: list(v) for k, v in self.terms.items()},
-                "data_time": self.data_time, "step_time": self.step_time,
-                "slides": self.slides, "last_monitors": dict(self.last_monitors)}
+        return {
+            "losses": list(self.losses),
+            "terms": {k: list(v) for k, v in self.terms.items()},
+            "data_time": self.data_time,
+            "step_time": self.step_time,
+            "slides": self.slides,
+            "last_monitors": dict(self.last_monitors),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = list(state["losses"])
@@ -78,8 +83,9 @@ def _window_mean(values: list[float], first: bool) -> float:
     return sum(part) / len(part)
 
 
-def write_summary(out: Path, stats: RunStats, monitor, guard, skipped: list, step: int,
-                  stop_at: int, cfg: dict) -> dict:
+def write_summary(
+    out: Path, stats: RunStats, monitor, guard, skipped: list, step: int, stop_at: int, cfg: dict
+) -> dict:
     """Write ``summary.json`` and print a short human summary; returns the dict."""
     summary = {
         "steps": step,

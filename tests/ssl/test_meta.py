@@ -1,0 +1,115 @@
+"""SSLMetaArch: loss composition, centres per optimizer step, EMA teacher."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slidessl.data.collate import collate_views
+from slidessl.data.views import MultiCrop, MultiCropConfig
+from slidessl.models.encoder import build_encoder
+from slidessl.ssl.meta import SSLMetaArch
+from slidessl.train.config import load_config
+
+TINY = [
+    "model.name=tiny",
+    "model.overrides={depth: 1, in_dim: 8, embed_dim: 16, num_heads: 2, mlp_dim: 32}",
+    "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
+    "ibot.out_dim=32", "ibot.hidden_dim=16", "ibot.bottleneck_dim=8",
+    "crops.global_max_tiles=48", "crops.local_max_tiles=16", "crops.global_min_tiles=12",
+    "crops.local_min_tiles=4", "crops.mask_probability=1.0",
+]
+
+
+def _setup(rng, recipe="dino", *extra, n_slides=3):
+    cfg = load_config(recipe, [*TINY, *extra])
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    enc = build_encoder("tiny", **cfg["model"]["overrides"])
+    arch = SSLMetaArch(cfg, backbone=enc)
+    mc = MultiCrop(MultiCropConfig.from_dict(cfg["crops"]))
+    views = []
+    for i in range(n_slides):
+        n = int(rng.integers(50, 90))
+        grid = np.stack([np.arange(n) % 10, np.arange(n) // 10], 1)
+        slide = {"slide_id": f"s{i}", "index": i, "grid": torch.from_numpy(grid),
+                 "features": torch.from_numpy(rng.standard_normal((n, 8)).astype(np.float32))}
+        views.append(mc(slide, rng))
+    return cfg, arch, collate_views(views)
+
+
+def test_teacher_starts_as_student_and_gets_no_gradient(rng):
+    _, arch, batch = _setup(rng, "dino", "crops.n_local=2")
+    for (n, s), t in zip(arch.student.state_dict().items(), arch.teacher.state_dict().values()):
+        assert torch.equal(s, t), n
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.04)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert set(logs) == {"loss", "dino_loss"}
+    loss.backward()
+    assert all(p.grad is None for p in arch.teacher.parameters())
+    assert all(not p.requires_grad for p in arch.teacher.parameters())
+    grads = [p.grad for n, p in arch.student.named_parameters() if p.requires_grad]
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads) > len(grads) // 2
+    # the prototype norm g is fixed at one (DINO norm_last_layer)
+    g = arch.student["dino_head"].last_layer.parametrizations.weight.original0
+    assert not g.requires_grad
+
+
+def test_dino_loss_pairs_match_manual_formula(rng):
+    cfg, arch, batch = _setup(rng, "dino", "crops.n_local=0")
+    temp = float(rng.uniform(0.03, 0.08))
+    loss, _ = arch.compute_loss(batch, teacher_temp=temp)
+    g = batch["global"]
+    with torch.no_grad():
+        t = arch.teacher["dino_head"](arch.teacher["backbone"].forward_features(
+            g["features"], g["coords"], g["padding_mask"])["cls"])
+        s = arch.student["dino_head"](arch.student["backbone"].forward_features(
+            g["features"], g["coords"], g["padding_mask"])["cls"])
+    p = torch.softmax((t - arch.dino_loss.center) / temp, -1).chunk(2)
+    logp = F.log_softmax(s / cfg["dino"]["student_temp"], -1).chunk(2)
+    ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
+    expected = 0.5 * (ce(p[1], logp[0]) + ce(p[0], logp[1]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_centres_move_only_in_update_centers(rng):
+    _, arch, batch = _setup(rng, "dinov2", "dino.centering=centering", "crops.n_local=1",
+                            "koleo.loss_weight=0.1")
+    c0 = {k: v.clone() for k, v in arch.centers().items()}
+    assert set(c0) == {"dino", "ibot"}
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.04)
+    assert {"ibot_loss", "koleo_loss"} <= set(logs)
+    assert all(torch.equal(c0[k], v) for k, v in arch.centers().items())
+    arch.update_centers()
+    assert all(not torch.equal(c0[k], v) for k, v in arch.centers().items())
+    assert "ibot_head" in arch.student  # dinov2 uses a separate iBOT head
+
+
+def test_ema_update_exact(rng):
+    _, arch, _ = _setup(rng)
+    with torch.no_grad():
+        for p in arch.student.parameters():
+            p.add_(torch.randn_like(p))
+    t0 = [p.clone() for p in arch.teacher.parameters()]
+    m = float(rng.uniform(0.9, 0.999))
+    arch.update_teacher(m)
+    for before, s, t in zip(t0, arch.student.parameters(), arch.teacher.parameters()):
+        assert torch.allclose(t, m * before + (1 - m) * s, atol=1e-6)
+
+
+def test_clear_errors(rng):
+    _, arch, batch = _setup(rng, "dinov2", "crops.n_local=1", n_slides=1)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        arch.compute_loss(batch, 0.04)
+    _, arch, batch = _setup(rng, "dinov2", "koleo.loss_weight=0")
+    del batch["global"]["ibot_mask"]
+    with pytest.raises(ValueError, match="ibot_mask"):
+        arch.compute_loss(batch, 0.04)
+    cfg = load_config("dinov2", [*TINY, "ibot.separate_head=false", "ibot.out_dim=16"])
+    with pytest.raises(ValueError, match="ibot.out_dim must equal dino.out_dim"):
+        SSLMetaArch(cfg, backbone=build_encoder("tiny", **cfg["model"]["overrides"]))
+
+
+def test_teacher_stays_in_eval_mode(rng):
+    _, arch, _ = _setup(rng)
+    arch.train()
+    assert arch.student.training and not arch.teacher.training

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from slidessl.train.config import CONFIG_DIR, ConfigError, load_config
+
+
+def test_recipe_overrides_default_and_dotted_overrides_parse_yaml():
+    cfg = load_config("dino", ["train.epochs=3", "optim.betas=[0.8, 0.9]", "data.manifest=null"])
+    assert cfg["train"]["epochs"] == 3
+    assert cfg["optim"]["betas"] == [0.8, 0.9]
+    assert cfg["data"]["manifest"] is None
+    assert cfg["crops"]["layout"] == "original"  # from the recipe
+    assert cfg["optim"]["eps"] == 1.0e-8  # from default.yaml
+    assert cfg["_meta"]["overrides"][0] == "train.epochs=3"
+
+
+def test_recipe_base_chain_is_merged():
+    grid = load_config("dinov2_grid")
+    assert grid["crops"]["layout"] == "compact"
+    assert grid["ibot"]["loss_weight"] == 1.0  # inherited from dinov2.yaml
+    assert grid["train"]["accum_steps"] > 1
+    assert grid["crops"]["n_local"] == 8  # inherited from dino.yaml
+
+
+@pytest.mark.parametrize("override", ["train.epoch=3", "nope=1", "optim.lr.x=1"])
+def test_unknown_keys_are_errors_naming_the_key(override):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert override.split("=")[0].split(".")[0] in str(err.value)
+
+
+def test_unknown_key_in_recipe_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"batchsize": 3}}))
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.batchsize"):
+        load_config(bad)
+
+
+def test_free_form_sections_accept_new_keys():
+    cfg = load_config("demo", ["model.overrides.depth=1", "crops.n_local=3"])
+    assert cfg["model"]["overrides"] == {"depth": 1}
+    assert cfg["crops"]["n_local"] == 3
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [("train.precision=fp16", "precision"), ("train.batch_size=0", "batch_size"),
+     ("dino.centering=none", "centering"), ("noequals", "key=value")],
+)
+def test_bad_values_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("demo", [override])
+
+
+def test_missing_file_lists_shipped_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="dinov2_grid"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_all_shipped_recipes_load():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"default", "dino", "dinov2", "dinov2_grid", "demo"} <= set(names)
+    for name in names:
+        assert load_config(name)["train"]["epochs"] >= 1
