@@ -34,7 +34,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,7 @@ from slidessl.data.relayout import PACKINGS, pack_compact
 __all__ = ["MultiCrop", "MultiCropConfig"]
 
 LAYOUTS = ("original", "compact")
+_PACK_CACHE = 64  # compact layouts kept per MultiCrop (per DataLoader worker)
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
@@ -72,7 +75,8 @@ class MultiCropConfig:
     local_max_tiles: int = 1024
     max_tries: int = 10
     layout: str = "original"
-    packing: str = "hilbert"
+    packing: str = "strips"
+    band_height: int | None = None
     position_coords: str = "true"
     order: str = "hilbert"
     flip: bool = True
@@ -126,6 +130,8 @@ class MultiCropConfig:
                 raise ValueError(
                     f"crops.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        if self.band_height is not None and int(self.band_height) < 1:
+            raise ValueError(f"crops.band_height must be >= 1, got {self.band_height}")
         if self.feature_noise < 0:
             raise ValueError(f"crops.feature_noise must be >= 0, got {self.feature_noise}")
         if not 0 <= self.token_drop < 1:
@@ -202,6 +208,20 @@ class MultiCrop:
         if cfg is None or isinstance(cfg, dict):
             cfg = MultiCropConfig.from_dict(cfg)
         self.cfg = cfg
+        self._packed: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def packed_grid(self, grid: np.ndarray) -> np.ndarray:
+        """The compact layout of ``grid`` (cached for the last few slides seen)."""
+        key = (len(grid), hashlib.blake2b(grid.tobytes(), digest_size=16).hexdigest())
+        if key in self._packed:
+            self._packed.move_to_end(key)
+            return self._packed[key]
+        packed = pack_compact(grid, self.cfg.packing, self.cfg.band_height)
+        packed.setflags(write=False)
+        self._packed[key] = packed
+        if len(self._packed) > _PACK_CACHE:
+            self._packed.popitem(last=False)
+        return packed
 
     def _check(self, slide: dict) -> tuple[str, torch.Tensor, np.ndarray]:
         name = str(slide.get("slide_id", "<unknown slide>"))
@@ -221,7 +241,7 @@ class MultiCrop:
         cfg = self.cfg
         name, feats, true_grid = self._check(slide)
         if cfg.layout == "compact":
-            crop_grid = pack_compact(true_grid, cfg.packing)
+            crop_grid = self.packed_grid(true_grid)
             pos_grid = crop_grid if cfg.position_coords == "packed" else true_grid
         else:
             crop_grid = pos_grid = true_grid
