@@ -34,8 +34,9 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 def worker_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
-    """A 32-bit seed derived from ``(seed, epoch, step, rank)`` (independent streams)."""
-    ss = np.random.SeedSequence([int(seed), int(epoch), int(step), int(rank)])
+    """A 32-bit seed derived from ``(seed, epoch, step, rank)`` (independent streams;
+    ``step`` may be -1 for a per-epoch stream)."""
+    ss = np.random.SeedSequence([int(seed), int(epoch), int(step) + 1, int(rank)])
     return int(ss.generate_state(1, dtype=np.uint32)[0])
 
 

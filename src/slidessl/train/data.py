@@ -100,8 +100,12 @@ def make_loader(
             "worker_init_fn": _WorkerInit(int(cfg["seed"]), epoch, rank),
             "persistent_workers": False,
         }
+    # An explicit generator: creating the loader iterator must not draw from the global torch
+    # RNG (it would shift drop-path randomness between a resumed and an uninterrupted run).
+    generator = torch.Generator().manual_seed(worker_seed(int(cfg["seed"]), epoch, -1, rank))
     return DataLoader(
         crops,
+        generator=generator,
         batch_size=int(cfg["train"]["batch_size"]),
         sampler=sampler,
         num_workers=workers,

@@ -134,7 +134,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
     model = wrap_model(arch, ctx, cfg)
     m = cfg["monitor"]
-    monitor = CollapseMonitor(m["entropy_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
+    monitor = CollapseMonitor(m["usage_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
     guard = NonFiniteGuard(int(t["max_nan_steps"]))
     stats = RunStats()
     step = 0

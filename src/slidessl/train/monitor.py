@@ -5,8 +5,10 @@ Collapse in DINO (Caron et al. 2021, Sec. 5.3) comes in two forms: one prototype
 teacher's output independent of the input. Computed once per logging step from the teacher:
 
 - ``teacher_entropy``: mean per-sample entropy of the centred, sharpened teacher targets (nats).
-- ``teacher_usage``: entropy of the batch-mean target, divided by ``log(min(K, rows))``: 1 when
-  samples pick different prototypes, 0 when all pick the same (dominant-dimension collapse).
+- ``teacher_usage``: mutual information between sample and prototype under the targets,
+  ``H(mean_i p_i) - mean_i H(p_i)``, divided by its bound ``log(min(K, rows))``: 1 when every
+  sample is sharply assigned to its own prototype, 0 when all samples get the same
+  distribution (collapse onto one prototype or onto the uniform).
 - ``kl_teacher_center``: mean ``KL(softmax(t / T) || softmax(c / T))``, teacher vs its centre;
   0 when every sample outputs the centre (uniform collapse).
 - ``cls_std``: std over the batch of L2-normalised teacher CLS embeddings, times sqrt(E):
@@ -43,6 +45,7 @@ def collapse_stats(
     mean_p = probs.mean(0)
     batch_entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
     denom = math.log(max(min(k, t.shape[0]), 2))
+    usage = (batch_entropy - entropy).clamp_min(0.0) / denom
     log_p = torch.log_softmax(t / teacher_temp, dim=-1)
     log_c = torch.log_softmax(c / teacher_temp, dim=-1)
     kl = (log_p.exp() * (log_p - log_c)).sum(-1).mean()
@@ -50,7 +53,7 @@ def collapse_stats(
     std = z.std(dim=0).mean() * math.sqrt(z.shape[1]) if z.shape[0] > 1 else torch.tensor(0.0)
     return {
         "teacher_entropy": float(entropy),
-        "teacher_usage": float(batch_entropy / denom),
+        "teacher_usage": float(usage),
         "kl_teacher_center": float(kl),
         "cls_std": float(std),
     }
