@@ -41,21 +41,11 @@ class iBOTPatchLoss(CenteredLoss):  # noqa: N801 - the paper's spelling
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
-        self,
-        t_logits: torch.Tensor,
-        teacher_temp: float,
-        n_iterations: int = 3,
-        n_masked_total: int | torch.Tensor | None = None,
+        self, t_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
     ) -> torch.Tensor:
-        """Sinkhorn-Knopp over the masked teacher tokens (M, K) of all ranks.
-
-        ``n_masked_total`` is the number of masked tokens over all ranks; by default it is
-        all-reduced from the local count.
-        """
+        """Sinkhorn-Knopp over the masked teacher tokens (M, K) of all ranks (M may differ)."""
         rows = self._check_logits(t_logits, "sinkhorn_knopp_teacher")
-        return sinkhorn_knopp(rows, teacher_temp, n_iterations, n_samples=n_masked_total).reshape(
-            t_logits.shape
-        )
+        return sinkhorn_knopp(rows, teacher_temp, n_iterations).reshape(t_logits.shape)
 
     def _token_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if s.shape != t.shape:

@@ -1,14 +1,17 @@
-"""Sinkhorn-Knopp normalisation of teacher logits (distributed-aware).
+"""Sinkhorn-Knopp normalisation of teacher logits (distributed-aware, in the log domain).
 
 Reference: Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
 Assignments" (SwAV, NeurIPS 2020), and its use as a centering alternative in Oquab et al.,
 "DINOv2: Learning Robust Visual Features without Supervision" (TMLR 2024).
 
 The teacher's ``exp(logits / temp)`` matrix (B samples x K prototypes) is alternately
-normalised so that every prototype receives the same total mass (``1/K``) and every sample
-carries mass ``1/B``; the result, rescaled by ``B``, is a soft assignment per sample (each
-row sums to one). When ``torch.distributed`` is initialised the sums run over all ranks, so
-the equipartition holds over the global batch.
+normalised so that every prototype receives the same total mass and every sample the same;
+the result, each row rescaled to sum to one, is a soft assignment per sample. When
+``torch.distributed`` is initialised the prototype sums run over all ranks, so the
+equipartition holds over the global batch (ranks may hold different numbers of rows, as
+for masked iBOT tokens). The constant factors 1/K and 1/B of the usual formulation cancel
+and are left out; the work is done with log-sum-exp, so very sharp temperatures give
+one-hot rows instead of NaN.
 
 Example::
 
@@ -30,24 +33,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+def _logsumexp_over_samples(log_q: torch.Tensor) -> torch.Tensor:
+    """(1, K) log of the per-prototype sum of exp over the rows of every rank."""
+    if log_q.shape[0]:
+        top = log_q.amax(dim=0, keepdim=True)
+    else:
+        top = torch.full((1, log_q.shape[1]), float("-inf"), device=log_q.device)
     if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
-    return t
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(log_q - safe_top).sum(dim=0, keepdim=True)
+    if _distributed():
+        dist.all_reduce(total)
+    return safe_top + torch.log(total)
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
-    logits: torch.Tensor,
-    temp: float,
-    n_iterations: int = 3,
-    n_samples: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Soft equipartitioned assignments of ``logits`` (B, K) at temperature ``temp``.
 
-    ``n_samples`` is the number of rows over all ranks; by default the local row count is
-    all-reduced (so ranks may hold different numbers of rows, e.g. masked iBOT tokens).
-    Returns float32 (B, K), rows summing to one.
+    Returns float32 (B, K), rows summing to one. Every rank must call it when distributed.
     """
     if logits.dim() != 2:
         raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(logits.shape)}")
@@ -55,21 +60,8 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn_knopp temperature must be > 0, got {temp}")
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    scaled = logits.float() / temp
-    # Subtracting the global maximum cancels in the normalisation and keeps exp() finite.
-    top = scaled.max() if scaled.numel() else torch.tensor(float("-inf"), device=scaled.device)
-    top = _all_reduce(top.clone(), dist.ReduceOp.MAX if _distributed() else None)
-    q = torch.exp(scaled - top).t()  # (K, B)
-    k = q.shape[0]
-    if n_samples is None:
-        total = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
-    else:
-        total = torch.as_tensor(n_samples, dtype=torch.float32, device=q.device)
-    q /= _all_reduce(q.sum())
+    log_q = logits.float() / temp
     for _ in range(n_iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # every prototype gets mass 1/K
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # every sample gets mass 1/B
-        q /= total
-    q *= total
-    return q.t()
+        log_q = log_q - _logsumexp_over_samples(log_q)  # every prototype: equal mass
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # every sample: mass one
+    return torch.exp(log_q)
