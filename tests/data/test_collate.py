@@ -76,7 +76,7 @@ def test_pad_crops_checks_lengths():
 
 def test_no_local_crops(rng):
     crop = MultiCrop(MultiCropConfig(n_local=0))
-    views = [crop(random_slide(rng, size=30, dim=6, slide_id=str(i)), rng) for i in range(2)]
+    views = [crop(random_slide(rng, size=40, dim=6, slide_id=str(i)), rng) for i in range(2)]
     batch = collate_views(views)
     assert batch["local"]["features"].shape == (0, 0, 6)
     assert batch["global"]["features"].shape[0] == 4
