@@ -135,12 +135,12 @@ def resolve_stride(path, coords, attrs, stride=None, stride_source="option") -> 
     return (1.0 if inferred is None else inferred), "inferred"
 
 
-def _source_format(raw: readers.RawSlide, coords: np.ndarray) -> str:
+def _source_format(raw: readers.RawSlide, coords_dtype: np.dtype) -> str:
     if raw.container != "h5":
         return raw.container
     if "patch_size_level0" in raw.attrs:
         return "trident"
-    if coords.dtype == np.int32:
+    if coords_dtype == np.int32:
         return "clam"
     if raw.features_shape[-1] == 1536:
         return "gigapath"
@@ -214,6 +214,7 @@ def open_slide(
     if len(raw.features_shape) != 2:
         raise SlideError(path, f"features must have shape (N, D), got {raw.features_shape}")
     n_rows, dim = raw.features_shape
+    coords_dtype = np.asarray(coords).dtype
     coords = _integer_coords(path, coords)
     if n_rows == 0:
         raise SlideError(path, "zero tiles")
@@ -242,7 +243,7 @@ def open_slide(
     return SlideRecord(
         slide_id=slide_id if slide_id is not None else path.stem,
         path=path,
-        source_format=_source_format(raw, coords),
+        source_format=_source_format(raw, coords_dtype),
         num_tiles=len(coords),
         feature_dim=int(dim),
         dtype=raw.dtype,
