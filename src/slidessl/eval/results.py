@@ -1,0 +1,129 @@
+"""Turn out-of-fold predictions into the numbers every method reports, and write them.
+
+Shared by the linear probe and ABMIL so both report the same statistics on the same folds:
+per-fold AUROC / AUPRC (mean +- std over folds, folds lacking a class are skipped and
+counted), a percentile-bootstrap 95% CI on the pooled out-of-fold predictions, and for
+multi-label tasks the macro and micro averages.
+
+Files: ``DIR/metrics.json`` (``{"method", "tasks": {name: {...}}}``) and
+``DIR/predictions.npz`` (``<task>/slide_ids``, ``<task>/y``, ``<task>/scores``,
+``<task>/fold``) from which ``slidessl report`` draws ROC and PR curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from slidessl.eval.metrics import bootstrap_ci, task_metrics
+from slidessl.eval.tasks import Task
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def summarize(
+    task: Task, fold: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Statistics of one task from its out-of-fold ``scores`` (binary (n,), else (n, C))."""
+    per_fold = []
+    for f in range(int(fold.max()) + 1):
+        sel = fold == f
+        if not sel.any():
+            continue
+        m = task_metrics(task.kind, task.y[sel], scores[sel])
+        row = {"fold": f, "n_test": int(sel.sum()), "auroc": m["auroc"], "auprc": m["auprc"]}
+        if task.kind == "multilabel":
+            row["auroc_micro"], row["auprc_micro"] = m["auroc_micro"], m["auprc_micro"]
+        per_fold.append(row)
+    out = {
+        "kind": task.kind,
+        "columns": task.columns,
+        "classes": task.classes,
+        "n_slides": len(task.slide_ids),
+        "n_patients": len(set(task.patient_ids)),
+        "n_missing_labels": task.n_missing,
+        "k": int(fold.max()) + 1,
+    }
+    keys = ["auroc", "auprc"] + (["auroc_micro", "auprc_micro"] if task.kind == "multilabel" else [])
+    for key in keys:
+        mean, std, n_ok = _mean_std([r[key] for r in per_fold])
+        out[f"{key}_mean"], out[f"{key}_std"] = mean, std
+        if key == "auroc":
+            out["n_folds_scored"] = n_ok
+    pooled = task_metrics(task.kind, task.y, scores)
+    out["auroc_pooled"], out["auprc_pooled"] = pooled["auroc"], pooled["auprc"]
+    if "per_class" in pooled:
+        out["per_class_pooled"] = pooled["per_class"]
+    out.update(bootstrap_ci(task.kind, task.y, scores, n_boot=n_boot, seed=seed))
+    out["per_fold"] = per_fold
+    out.update(task.meta)
+    return out
+
+
+def _clean(obj):
+    """JSON-safe copy: nan -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_results(
+    out_dir: str | Path,
+    method: str,
+    tasks: list[Task],
+    folds: list[np.ndarray],
+    scores: list[np.ndarray],
+    summaries: list[dict],
+    extra: dict | None = None,
+) -> Path:
+    """Write ``metrics.json`` and ``predictions.npz`` to ``out_dir``; returns the json path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"method": method, **(extra or {}), "tasks": {t.name: s for t, s in zip(tasks, summaries)}}
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(_clean(doc), indent=1))
+    arrays = {}
+    for t, f, s in zip(tasks, folds, scores):
+        arrays[f"{t.name}/slide_ids"] = np.asarray(t.slide_ids, dtype=str)
+        arrays[f"{t.name}/y"] = t.y
+        arrays[f"{t.name}/scores"] = s
+        arrays[f"{t.name}/fold"] = f
+        arrays[f"{t.name}/kind"] = np.asarray(t.kind)
+    np.savez(out_dir / "predictions.npz", **arrays)
+    return path
+
+
+def format_table(method: str, summaries: dict[str, dict]) -> str:
+    """A plain-text table: task, n, AUROC mean +- std [CI], AUPRC mean +- std [CI]."""
+    lines = [
+        f"{'method':<14} {'task':<18} {'n':>5}  {'AUROC':<26} {'AUPRC':<26}",
+    ]
+    for name, s in summaries.items():
+        cells = []
+        for key in ("auroc", "auprc"):
+            ci = s.get(f"{key}_ci") or [float("nan")] * 2
+            cells.append(f"{_f(s[f'{key}_mean'])}+-{_f(s[f'{key}_std'])} [{_f(ci[0])},{_f(ci[1])}]")
+        lines.append(f"{method:<14} {name:<18} {s['n_slides']:>5}  {cells[0]:<26} {cells[1]:<26}")
+        if s.get("kind") == "multilabel":
+            micro = f"{_f(s['auroc_micro_mean'])}+-{_f(s['auroc_micro_std'])}"
+            micro_p = f"{_f(s['auprc_micro_mean'])}+-{_f(s['auprc_micro_std'])}"
+            lines.append(f"{'':<14} {'  (micro)':<18} {'':>5}  {micro:<26} {micro_p:<26}")
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.3f}"
