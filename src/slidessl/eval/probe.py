@@ -120,8 +120,13 @@ def _fold_job(X, task: Task, fold, f, Cs, inner_k, seed):
 
 
 def probe_task(
-    X: np.ndarray, task: Task, fold: np.ndarray, Cs=DEFAULT_CS, inner_k: int = 3,
-    seed: int = 0, n_jobs: int = 2,
+    X: np.ndarray,
+    task: Task,
+    fold: np.ndarray,
+    Cs=DEFAULT_CS,
+    inner_k: int = 3,
+    seed: int = 0,
+    n_jobs: int = 2,
 ) -> tuple[np.ndarray, list[list[float]]]:
     """Out-of-fold scores of one task (rows of ``X`` aligned with ``task.slide_ids``)."""
     return probe_tasks([(X, task, fold)], Cs, inner_k, seed, n_jobs)[0]
@@ -132,16 +137,26 @@ def probe_tasks(items, Cs=DEFAULT_CS, inner_k=3, seed=0, n_jobs=2):
     jobs = [(i, f) for i, (_, _, fold) in enumerate(items) for f in range(int(fold.max()) + 1)]
     with threadpool_limits(1), ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
         futures = {
-            job: pool.submit(_fold_job, items[job[0]][0], items[job[0]][1], items[job[0]][2],
-                             job[1], Cs, inner_k, seed)
+            job: pool.submit(
+                _fold_job,
+                items[job[0]][0],
+                items[job[0]][1],
+                items[job[0]][2],
+                job[1],
+                Cs,
+                inner_k,
+                seed,
+            )
             for job in jobs
         }
         done = {job: fut.result() for job, fut in futures.items()}
     out = []
     for i, (X, task, fold) in enumerate(items):
-        shape = (len(X),) if task.kind == "binary" else (len(X), task.y.shape[1]
-                                                         if task.kind == "multilabel"
-                                                         else len(task.classes))
+        shape = (
+            (len(X),)
+            if task.kind == "binary"
+            else (len(X), task.y.shape[1] if task.kind == "multilabel" else len(task.classes))
+        )
         scores = np.zeros(shape)
         chosen = []
         for f in range(int(fold.max()) + 1):
@@ -152,22 +167,38 @@ def probe_tasks(items, Cs=DEFAULT_CS, inner_k=3, seed=0, n_jobs=2):
     return out
 
 
-def align(task: Task, ids: list[str], X: np.ndarray, where: str) -> tuple[Task, np.ndarray, np.ndarray]:
+def align(
+    task: Task, ids: list[str], X: np.ndarray, where: str
+) -> tuple[Task, np.ndarray, np.ndarray]:
     """Restrict ``task`` to slides that have an embedding; returns (task, X rows, keep mask)."""
     index = {s: i for i, s in enumerate(ids)}
     keep = np.array([s in index for s in task.slide_ids])
     if not keep.any():
         raise ValueError(f"{where}: no embedding for any slide of task {task.name!r}")
     if not keep.all():
-        log.warning("%s: %d slides of task %r have no embedding and are left out",
-                    where, int((~keep).sum()), task.name)
+        log.warning(
+            "%s: %d slides of task %r have no embedding and are left out",
+            where,
+            int((~keep).sum()),
+            task.name,
+        )
     sub = task.subset(keep)
     sub.meta["n_missing_embeddings"] = int((~keep).sum())
     return sub, X[[index[s] for s in sub.slide_ids]], keep
 
 
-def run_probe(ids, X, tasks: list[Task], folds_path, k=10, seed=0, Cs=DEFAULT_CS,
-              n_jobs=2, n_boot=1000, where="embeddings"):
+def run_probe(
+    ids,
+    X,
+    tasks: list[Task],
+    folds_path,
+    k=10,
+    seed=0,
+    Cs=DEFAULT_CS,
+    n_jobs=2,
+    n_boot=1000,
+    where="embeddings",
+):
     """Probe every task; returns ``(tasks, folds, scores, summaries)`` aligned lists."""
     items, used_tasks, used_folds = [], [], []
     for task in tasks:
@@ -179,7 +210,7 @@ def run_probe(ids, X, tasks: list[Task], folds_path, k=10, seed=0, Cs=DEFAULT_CS
         used_folds.append(fold)
     results = probe_tasks(items, Cs, 3, seed, n_jobs)
     scores, summaries = [], []
-    for (X_t, task, fold), (s, chosen) in zip(items, results):
+    for (_, task, fold), (s, chosen) in zip(items, results):
         task.meta["C_per_fold"] = chosen
         scores.append(s)
         summaries.append(summarize(task, fold, s, n_boot=n_boot, seed=seed))

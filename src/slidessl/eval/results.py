@@ -52,7 +52,9 @@ def summarize(
         "n_missing_labels": task.n_missing,
         "k": int(fold.max()) + 1,
     }
-    keys = ["auroc", "auprc"] + (["auroc_micro", "auprc_micro"] if task.kind == "multilabel" else [])
+    keys = ["auroc", "auprc"]
+    if task.kind == "multilabel":
+        keys += ["auroc_micro", "auprc_micro"]
     for key in keys:
         mean, std, n_ok = _mean_std([r[key] for r in per_fold])
         out[f"{key}_mean"], out[f"{key}_std"] = mean, std
@@ -93,7 +95,8 @@ def write_results(
     """Write ``metrics.json`` and ``predictions.npz`` to ``out_dir``; returns the json path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"method": method, **(extra or {}), "tasks": {t.name: s for t, s in zip(tasks, summaries)}}
+    doc = {"method": method, **(extra or {})}
+    doc["tasks"] = {t.name: s for t, s in zip(tasks, summaries)}
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(_clean(doc), indent=1))
     arrays = {}
