@@ -148,7 +148,7 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     parts = [_branch(q, k, v, padding_mask, s, r, exact_grad) for s, r in zip(segments, dilations)]
     # per position and head: log of the summed softmax denominators over branches
     dense_lse = []
-    for out, lse, index in parts:
+    for _out, lse, index in parts:
         if index is None:
             dense_lse.append(lse)
         else:

@@ -35,8 +35,9 @@ class DropPath(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention, dense (``segments=None``) or LongNet dilated."""
 
-    def __init__(self, dim, num_heads, segments=None, dilations=None, subln=True, eps=1e-5,
-                 exact_grad=True):
+    def __init__(
+        self, dim, num_heads, segments=None, dilations=None, subln=True, eps=1e-5, exact_grad=True
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
@@ -88,8 +89,19 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``."""
 
-    def __init__(self, dim, num_heads, mlp_dim, segments=None, dilations=None, subln=True,
-                 eps=1e-5, drop_path=0.0, dropout=0.0, exact_grad=True):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        mlp_dim,
+        segments=None,
+        dilations=None,
+        subln=True,
+        eps=1e-5,
+        drop_path=0.0,
+        dropout=0.0,
+        exact_grad=True,
+    ):
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.self_attn = SelfAttention(dim, num_heads, segments, dilations, subln, eps, exact_grad)

@@ -37,23 +37,53 @@ GIGAPATH_SEGMENTS = (1024, 5792, 32768, 185363, 1048576)
 GIGAPATH_DILATIONS = (1, 2, 4, 8, 16)
 
 _DEFAULTS = dict(
-    in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072,
-    attention="dilated", segments=DEFAULT_SEGMENTS, dilations=DEFAULT_DILATIONS,
-    subln=True, subln_init=True, encoder_norm=False, block_eps=1e-5, norm_eps=1e-6,
-    pos_mode="xy", pool="cls", drop_path_rate=0.0, dropout=0.0,
-    grad_checkpointing=False, exact_grad=True,
+    in_dim=1536,
+    embed_dim=768,
+    depth=12,
+    num_heads=16,
+    mlp_dim=3072,
+    attention="dilated",
+    segments=DEFAULT_SEGMENTS,
+    dilations=DEFAULT_DILATIONS,
+    subln=True,
+    subln_init=True,
+    encoder_norm=False,
+    block_eps=1e-5,
+    norm_eps=1e-6,
+    pos_mode="xy",
+    pool="cls",
+    drop_path_rate=0.0,
+    dropout=0.0,
+    grad_checkpointing=False,
+    exact_grad=True,
 )
 
 PRESETS: dict[str, dict] = {
     # CPU demo / tests: trains in minutes
-    "tiny": dict(in_dim=64, embed_dim=64, depth=2, num_heads=4, mlp_dim=128,
-                 segments=(64, 256, 1024), dilations=(1, 2, 4)),
+    "tiny": dict(
+        in_dim=64,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        mlp_dim=128,
+        segments=(64, 256, 1024),
+        dilations=(1, 2, 4),
+    ),
     "small": dict(in_dim=1536, embed_dim=256, depth=6, num_heads=8, mlp_dim=1024),
     "base": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072),
     # Prov-GigaPath slide encoder (gigapath_slide_enc12l768d) layout and positions
-    "gigapath": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072,
-                     segments=GIGAPATH_SEGMENTS, dilations=GIGAPATH_DILATIONS,
-                     encoder_norm=True, pos_mode="gigapath", drop_path_rate=0.1),
+    "gigapath": dict(
+        in_dim=1536,
+        embed_dim=768,
+        depth=12,
+        num_heads=16,
+        mlp_dim=3072,
+        segments=GIGAPATH_SEGMENTS,
+        dilations=GIGAPATH_DILATIONS,
+        encoder_norm=True,
+        pos_mode="gigapath",
+        drop_path_rate=0.1,
+    ),
 }
 
 
@@ -64,11 +94,13 @@ class SlideEncoder(nn.Module):
         super().__init__()
         unknown = set(config) - set(_DEFAULTS)
         if unknown:
-            raise ValueError(f"unknown SlideEncoder option(s) {sorted(unknown)}; "
-                             f"known: {sorted(_DEFAULTS)}")
+            raise ValueError(
+                f"unknown SlideEncoder option(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
+            )
         cfg = {**_DEFAULTS, **config}
-        cfg["segments"], cfg["dilations"] = (list(t) for t in validate_branches(
-            cfg["segments"], cfg["dilations"]))
+        cfg["segments"], cfg["dilations"] = (
+            list(t) for t in validate_branches(cfg["segments"], cfg["dilations"])
+        )
         if cfg["attention"] not in ("dilated", "dense"):
             raise ValueError(f"attention must be 'dilated' or 'dense', got {cfg['attention']!r}")
         if cfg["pos_mode"] not in POS_MODES:
@@ -76,8 +108,10 @@ class SlideEncoder(nn.Module):
         if cfg["pool"] not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {cfg['pool']!r}")
         if cfg["embed_dim"] % 4 or cfg["embed_dim"] % cfg["num_heads"]:
-            raise ValueError(f"embed_dim {cfg['embed_dim']} must be divisible by 4 and by "
-                             f"num_heads {cfg['num_heads']}")
+            raise ValueError(
+                f"embed_dim {cfg['embed_dim']} must be divisible by 4 and by "
+                f"num_heads {cfg['num_heads']}"
+            )
         self.config = cfg
         self.in_dim, self.embed_dim, self.depth = cfg["in_dim"], cfg["embed_dim"], cfg["depth"]
         self.grad_checkpointing = bool(cfg["grad_checkpointing"])
@@ -88,10 +122,18 @@ class SlideEncoder(nn.Module):
         dilated = cfg["attention"] == "dilated"
         dpr = np.linspace(0.0, cfg["drop_path_rate"], self.depth) if self.depth else []
         self.blocks = nn.ModuleList(
-            Block(e, cfg["num_heads"], cfg["mlp_dim"],
-                  cfg["segments"] if dilated else None, cfg["dilations"] if dilated else None,
-                  cfg["subln"], cfg["block_eps"], float(dpr[i]), cfg["dropout"],
-                  cfg["exact_grad"])
+            Block(
+                e,
+                cfg["num_heads"],
+                cfg["mlp_dim"],
+                cfg["segments"] if dilated else None,
+                cfg["dilations"] if dilated else None,
+                cfg["subln"],
+                cfg["block_eps"],
+                float(dpr[i]),
+                cfg["dropout"],
+                cfg["exact_grad"],
+            )
             for i in range(self.depth)
         )
         self.encoder_norm = nn.LayerNorm(e, eps=cfg["block_eps"]) if cfg["encoder_norm"] else None
@@ -112,8 +154,7 @@ class SlideEncoder(nn.Module):
         if self.config["subln"] and self.config["subln_init"] and self.depth:
             gain = math.sqrt(math.log(2 * self.depth))
             for blk in self.blocks:
-                for lin in (blk.ffn.fc1, blk.ffn.fc2, blk.self_attn.out_proj,
-                            blk.self_attn.v_proj):
+                for lin in (blk.ffn.fc1, blk.ffn.fc2, blk.self_attn.out_proj, blk.self_attn.v_proj):
                     lin.weight.data.mul_(gain)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -124,15 +165,19 @@ class SlideEncoder(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(f"features must be (B, N, {self.in_dim}), got {tuple(x.shape)}")
         if coords.shape != x.shape[:2] + (2,):
-            raise ValueError(f"coords must be (B, N, 2) = {tuple(x.shape[:2]) + (2,)}, "
-                             f"got {tuple(coords.shape)}")
+            raise ValueError(
+                f"coords must be (B, N, 2) = {tuple(x.shape[:2]) + (2,)}, got {tuple(coords.shape)}"
+            )
         for name, m in (("padding_mask", padding_mask), ("token_mask", token_mask)):
             if m is not None and (m.shape != x.shape[:2] or m.dtype != torch.bool):
-                raise ValueError(f"{name} must be bool (B, N) = {tuple(x.shape[:2])}, "
-                                 f"got {m.dtype} {tuple(m.shape)}")
+                raise ValueError(
+                    f"{name} must be bool (B, N) = {tuple(x.shape[:2])}, "
+                    f"got {m.dtype} {tuple(m.shape)}"
+                )
 
-    def forward_features(self, x, coords, padding_mask=None, token_mask=None,
-                         return_layers=False) -> dict:
+    def forward_features(
+        self, x, coords, padding_mask=None, token_mask=None, return_layers=False
+    ) -> dict:
         """Return ``{"cls", "tokens", "pooled"}`` (+ ``"embed"``, ``"layers"`` on request).
 
         ``padding_mask`` True = padding; ``token_mask`` True = replace the token by the
@@ -188,8 +233,9 @@ class SlideEncoder(nn.Module):
         pooled = []
         for i in layers:
             h = out["layers"][i]
-            pooled.append(self.norm(h)[:, 0] if self.config["pool"] == "cls" else
-                          self._mean(h, mask))
+            pooled.append(
+                self.norm(h)[:, 0] if self.config["pool"] == "cls" else self._mean(h, mask)
+            )
         return torch.cat(pooled, dim=-1)
 
     def forward(self, x, coords, padding_mask=None) -> torch.Tensor:

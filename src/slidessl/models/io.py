@@ -48,11 +48,17 @@ def load_state_strict(model: torch.nn.Module, state: dict, source) -> None:
     )
     if missing or unexpected or shapes:
         lines = [f"{source}: weights do not match the encoder architecture"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", shapes)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
+        ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): "
+                    + ", ".join(items[:20])
+                    + (" ..." if len(items) > 20 else "")
+                )
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 
@@ -74,8 +80,10 @@ def _from_checkpoint(path: Path, map_location):
         raise ValueError(f"{path}: cannot read the checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or "teacher_backbone" not in ckpt or "encoder_config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: a training checkpoint needs 'teacher_backbone' and "
-                         f"'encoder_config' entries; found {keys}")
+        raise ValueError(
+            f"{path}: a training checkpoint needs 'teacher_backbone' and "
+            f"'encoder_config' entries; found {keys}"
+        )
     return dict(ckpt["encoder_config"]), ckpt["teacher_backbone"]
 
 

@@ -38,9 +38,7 @@ def get_backend() -> str:
 def _bias(key_valid, dtype, seq_len, pad_to=1):
     """Additive ``(B, H|1, 1, L)`` bias from a bool key mask (True = attend)."""
     lp = -(-seq_len // pad_to) * pad_to
-    bias = torch.zeros(
-        key_valid.shape[:-1] + (lp,), dtype=dtype, device=key_valid.device
-    )
+    bias = torch.zeros(key_valid.shape[:-1] + (lp,), dtype=dtype, device=key_valid.device)
     bias[..., :seq_len].masked_fill_(~key_valid, _MASK_VALUE)
     return bias[..., :seq_len]
 

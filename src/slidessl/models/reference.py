@@ -49,9 +49,7 @@ def reference_branch(q, k, v, segment, dilation, padding_mask=None):
 
 def reference_dilated_attention(q, k, v, segments, dilations, padding_mask=None):
     """LongNet output (B, N, H, D); padded positions are zero."""
-    parts = [
-        reference_branch(q, k, v, s, r, padding_mask) for s, r in zip(segments, dilations)
-    ]
+    parts = [reference_branch(q, k, v, s, r, padding_mask) for s, r in zip(segments, dilations)]
     lses = torch.stack([lse for _, lse in parts])  # (branches, B, N, H)
     log_z = torch.logsumexp(lses, dim=0)
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))

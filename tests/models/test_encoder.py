@@ -1,0 +1,135 @@
+"""SlideEncoder contract: shapes, masks, gradients, checkpointing, autocast, presets."""
+
+import pytest
+import torch
+
+from slidessl.models import PRESETS, SlideEncoder, build_encoder
+
+
+def _inputs(b, n, d, grid=60):
+    x = torch.randn(b, n, d)
+    coords = torch.randint(0, grid, (b, n, 2))
+    return x, coords
+
+
+def _tiny(**kw):
+    return build_encoder("tiny", in_dim=24, **kw)
+
+
+def test_forward_features_contract():
+    enc = _tiny().eval()
+    x, c = _inputs(3, 40, 24)
+    out = enc.forward_features(x, c, return_layers=True)
+    assert out["cls"].shape == (3, 64) and out["tokens"].shape == (3, 40, 64)
+    assert out["pooled"].shape == (3, 64) and out["embed"].shape == (3, 41, 64)
+    assert len(out["layers"]) == enc.depth and out["layers"][-1].shape == (3, 41, 64)
+    torch.testing.assert_close(enc(x, c), out["cls"])
+    assert enc.embed(x, c, layers=[-1, -2]).shape == (3, 128)
+    torch.testing.assert_close(enc.embed(x, c, layers=[-1]), out["cls"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padded_batch_equals_slides_alone(pool):
+    enc = _tiny(pool=pool, segments=(8, 32), dilations=(1, 2)).eval()
+    lengths = [70, 21, 45]
+    x, c = _inputs(3, 70, 24)
+    pm = torch.arange(70)[None] >= torch.tensor(lengths)[:, None]
+    x[pm] = 1e4  # junk in padding must not leak
+    out = enc.forward_features(x, c, pm)
+    for i, m in enumerate(lengths):
+        alone = enc.forward_features(x[i : i + 1, :m], c[i : i + 1, :m])
+        torch.testing.assert_close(out["pooled"][i], alone["pooled"][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out["tokens"][i, :m], alone["tokens"][0], rtol=1e-4, atol=1e-4)
+
+
+def test_token_mask_hides_the_masked_features():
+    enc = _tiny().eval()
+    x, c = _inputs(2, 30, 24)
+    tm = torch.rand(2, 30) < 0.4
+    a = enc.forward_features(x, c, token_mask=tm)["cls"]
+    x2 = x.clone()
+    x2[tm] = torch.randn_like(x2[tm])
+    b = enc.forward_features(x2, c, token_mask=tm)["cls"]
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, enc.forward_features(x, c)["cls"])
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 1025, 8193])
+def test_lengths(n):
+    enc = build_encoder("tiny", in_dim=8, embed_dim=16, num_heads=2, mlp_dim=16, depth=1).eval()
+    x, c = _inputs(1, n, 8, grid=200)
+    with torch.no_grad():
+        out = enc.forward_features(x, c)
+    assert out["tokens"].shape == (1, n, 16) and torch.isfinite(out["tokens"]).all()
+
+
+def test_gradients_and_checkpointing_agree():
+    torch.manual_seed(0)
+    enc = _tiny(segments=(16, 64), dilations=(1, 2))
+    x, c = _inputs(2, 50, 24)
+    pm = torch.zeros(2, 50, dtype=torch.bool)
+    pm[1, 33:] = True
+    enc.forward_features(x, c, pm)["cls"].pow(2).sum().backward()
+    plain = {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in plain.values())
+    # every parameter but the (unused) mask token learns
+    assert set(plain) == {k for k, _ in enc.named_parameters()} - {"mask_token"}
+    enc.zero_grad()
+    enc.set_grad_checkpointing(True)
+    enc.forward_features(x, c, pm)["cls"].pow(2).sum().backward()
+    for k, p in enc.named_parameters():
+        if k in plain:
+            torch.testing.assert_close(p.grad, plain[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast():
+    enc = _tiny().eval()
+    x, c = _inputs(2, 100, 24)
+    ref = enc(x, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(x, c)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_coordinates_beyond_256k_pixels():
+    enc = _tiny().eval()
+    x = torch.randn(1, 6, 24)
+    c = torch.tensor([[[0, 0], [1000, 2], [1001, 2], [3000, 2999], [2, 1500], [9999, 9999]]])
+    out = enc.forward_features(x, c)["tokens"]
+    assert torch.isfinite(out).all()
+    moved = enc.forward_features(x, c + torch.tensor([0, 1]))["tokens"]
+    assert not torch.allclose(out, moved)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    enc = _tiny()
+    x, c = _inputs(2, 10, 24)
+    with pytest.raises(ValueError, match=r"features must be \(B, N, 24\)"):
+        enc(torch.randn(2, 10, 23), c)
+    with pytest.raises(ValueError, match="coords must be"):
+        enc(x, c[:, :9])
+    with pytest.raises(ValueError, match="padding_mask must be bool"):
+        enc(x, c, torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="unknown SlideEncoder option"):
+        SlideEncoder(embed_dims=3)
+    with pytest.raises(ValueError, match="unknown encoder preset"):
+        build_encoder("huge")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_rebuild_from_config(name):
+    overrides = {"depth": 1} if name != "tiny" else {}
+    enc = build_encoder(name, **overrides)
+    again = SlideEncoder(**enc.config)
+    assert again.config == enc.config
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in enc.parameters())
+
+
+def test_dense_and_single_full_branch_agree():
+    torch.manual_seed(1)
+    dense = _tiny(attention="dense").eval()
+    dil = _tiny(segments=(10_000,), dilations=(1,)).eval()
+    dil.load_state_dict(dense.state_dict())
+    x, c = _inputs(2, 33, 24)
+    torch.testing.assert_close(dense(x, c), dil(x, c), rtol=1e-5, atol=1e-5)
