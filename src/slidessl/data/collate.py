@@ -45,7 +45,7 @@ def pad_crops(
     b = len(crops)
     dtype = crops[0]["features"].dtype if crops else torch.float32
     out = {
-        "features": torch.zeros(b, length, d, dtype=dtype),
+        "features": torch.empty(b, length, d, dtype=dtype),  # padding zeroed below
         "coords": torch.zeros(b, length, 2, dtype=torch.long),
         "padding_mask": torch.ones(b, length, dtype=torch.bool),
     }
@@ -56,6 +56,7 @@ def pad_crops(
         if len(c["coords"]) != n:
             raise ValueError(f"crop {i}: {n} feature rows but {len(c['coords'])} coordinates")
         out["features"][i, :n] = c["features"]
+        out["features"][i, n:] = 0
         out["coords"][i, :n] = c["coords"]
         out["padding_mask"][i, :n] = False
         if with_mask:
