@@ -45,6 +45,7 @@ __all__ = ["PACKINGS", "default_band_height", "neighbour_retention", "pack_compa
 
 PACKINGS = ("strips", "hilbert", "file_order")
 _BAND_HEIGHTS = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32])
+_TRY_HEIGHTS_UP_TO = 20_000  # up to this many tiles, three heights are tried
 
 
 def default_band_height(n: int) -> int:
@@ -103,7 +104,9 @@ def pack_compact(
 ) -> np.ndarray:
     """Packed (n, 2) int64 positions: a bijection onto a near-square grid, holes only at the end.
 
-    ``band_height`` (``"strips"`` only) overrides :func:`default_band_height`.
+    ``band_height`` (``"strips"`` only) fixes the strip height; by default it is
+    :func:`default_band_height`, and for slides of up to 20,000 tiles the neighbouring
+    heights are tried too and the layout that keeps the most neighbour pairs wins.
     """
     g = np.asarray(grid)
     if g.ndim != 2 or g.shape[1] != 2 or (g.size and not np.issubdtype(g.dtype, np.integer)):
@@ -117,10 +120,17 @@ def pack_compact(
     g = g - g.min(axis=0)
     side = math.isqrt(n - 1) + 1
     if packing == "strips":
-        h = default_band_height(n) if band_height is None else int(band_height)
-        if h < 1:
-            raise ValueError(f"pack_compact: band_height must be >= 1, got {band_height}")
-        return _pack_strips(g, h)
+        if band_height is not None:
+            if int(band_height) < 1:
+                raise ValueError(f"pack_compact: band_height must be >= 1, got {band_height}")
+            return _pack_strips(g, int(band_height))
+        h = default_band_height(n)
+        if n > _TRY_HEIGHTS_UP_TO:
+            return _pack_strips(g, h)
+        # small slides are cheap: also try the neighbouring heights and keep the best
+        i = int(np.flatnonzero(_BAND_HEIGHTS == h)[0])
+        tries = [_pack_strips(g, int(c)) for c in _BAND_HEIGHTS[max(0, i - 1) : i + 2]]
+        return max(tries, key=lambda p: neighbour_retention(g, p))
     if packing == "hilbert":
         ys, xs = np.divmod(np.arange(side * side, dtype=np.int64), side)
         cells = np.stack([xs, ys], axis=1)
