@@ -133,3 +133,20 @@ def test_dense_and_single_full_branch_agree():
     dil.load_state_dict(dense.state_dict())
     x, c = _inputs(2, 33, 24)
     torch.testing.assert_close(dense(x, c), dil(x, c), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_encoder_matches_cpu_and_pads():
+    torch.manual_seed(0)
+    enc = build_encoder("gigapath", depth=2, in_dim=64).eval()
+    lengths = [1500, 700]
+    x, c = _inputs(2, 1500, 64, grid=900)
+    pm = torch.arange(1500)[None] >= torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        ref = enc.forward_features(x, c, pm)["cls"]
+        gpu = enc.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu.forward_features(x.cuda(), c.cuda(), pm.cuda())["cls"].float().cpu()
+            alone = gpu.forward_features(x[1:, :700].cuda(), c[1:, :700].cuda())["cls"]
+    assert (out - ref).norm() / ref.norm() < 0.05
+    assert (out[1] - alone[0].float().cpu()).norm() / out[1].norm() < 0.05

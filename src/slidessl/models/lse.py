@@ -14,6 +14,7 @@ both obtained from one extra SDPA call with ``V = K``.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +99,11 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     res = None
     try:
         res = _fused(q, k, v, key_valid, scale)
-    except RuntimeError:
+    except RuntimeError as exc:
         if _BACKEND["name"] == "fused":
             raise
+        warnings.warn(f"fused attention with LSE failed on {q.device} ({exc}); using the "
+                      "explicit matmul path", RuntimeWarning, stacklevel=2)
     if res is None:
         return _manual(q, k, v, key_valid, scale)
     out, lse = res

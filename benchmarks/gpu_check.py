@@ -1,0 +1,58 @@
+"""GPU check: both benchmarks in bf16 up to 100k tokens, then one summary table.
+
+Run through ``benchmarks/gpu_check.sh``. Without CUDA it runs the same code on the CPU at
+toy sizes (``--dry``) so the script itself is tested before a GPU is spent on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from slidessl.models.bench import bench_attention, bench_encoder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry", action="store_true", help="CPU, toy sizes (checks the script)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry
+    if not cuda and not args.dry:
+        print("gpu_check: CUDA not available; use --dry for a CPU rehearsal")
+        return 0
+    if cuda:
+        device, dtype = "cuda", "bfloat16"
+        att_n = [1024, 4096, 8192, 16384, 32768, 65536, 100000]
+        enc_n, mem_n, preset = [2048, 8192], [4096, 8192, 16384, 32768, 65536, 100000], "gigapath"
+        repeats = 3
+    else:
+        device, dtype = "cpu", "float32"
+        att_n, enc_n, mem_n, preset, repeats = [256, 1024], [256], [256, 512], "tiny", 1
+    print("== bench attention ==", flush=True)
+    att = bench_attention(att_n, 768, 16, dtype, device, repeats, dense_limit_s=30.0)
+    print("== bench encoder ==", flush=True)
+    enc, mem = bench_encoder(preset, enc_n, mem_n, dtype, device, repeats)
+    print("== summary ==")
+    name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
+    print(f"card: {name}; torch {torch.__version__}; dtype {dtype}")
+    for r in att:
+        if r["n"] in (16384, 100000, att_n[-1]):
+            dense = r["dense_s"] or r.get("dense_skipped_est_s")
+            print(f"attention N={r['n']}: dense/dilated(gigapath) {dense / r['gigapath_s']:.2f}x, "
+                  f"dense/dilated(default) {dense / r['default_s']:.2f}x, dilated fraction of "
+                  f"matmul peak gp {100 * r['gigapath_frac']:.0f}% ours "
+                  f"{100 * r['default_frac']:.0f}%")
+    for r in enc:
+        print(f"encoder {preset} N={r['n']}: {r['tokens_per_s']:.0f} tokens/s fwd+bwd, "
+              f"MFU {100 * r['mfu']:.1f}% of measured matmul peak, "
+              f"peak mem {r['peak_mem'] / 2**30:.2f} GiB")
+    for r in mem:
+        mem_txt = "OOM" if r["peak_mem"] is None else f"{r['peak_mem'] / 2**30:.2f} GiB"
+        print(f"checkpointed N={r['n']}: {mem_txt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
