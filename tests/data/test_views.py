@@ -123,7 +123,9 @@ def test_cap_is_spatially_uniform(rng):
 
 def test_compact_layout_crops_are_full(rng):
     slide = random_slide(rng, size=70)
-    cfg = MultiCropConfig(layout="compact", position_coords="packed", **NO_AUG)
+    cfg = MultiCropConfig(
+        layout="compact", position_coords="packed", local_max_tiles=8192, **NO_AUG
+    )
     out = MultiCrop(cfg)(slide, rng)
     packed = pack_compact(slide["grid"].numpy())
     holes = (packed.max(axis=0) + 1).prod() - len(packed)  # all at the end of the layout
