@@ -40,14 +40,18 @@ def main(argv=None) -> int:
     for r in att:
         if r["n"] in (16384, 100000, att_n[-1]):
             dense = r["dense_s"] or r.get("dense_skipped_est_s")
-            print(f"attention N={r['n']}: dense/dilated(gigapath) {dense / r['gigapath_s']:.2f}x, "
-                  f"dense/dilated(default) {dense / r['default_s']:.2f}x, dilated fraction of "
-                  f"matmul peak gp {100 * r['gigapath_frac']:.0f}% ours "
-                  f"{100 * r['default_frac']:.0f}%")
+            print(
+                f"attention N={r['n']}: dense/dilated(gigapath) {dense / r['gigapath_s']:.2f}x, "
+                f"dense/dilated(default) {dense / r['default_s']:.2f}x, dilated fraction of "
+                f"matmul peak gp {100 * r['gigapath_frac']:.0f}% ours "
+                f"{100 * r['default_frac']:.0f}%"
+            )
     for r in enc:
-        print(f"encoder {preset} N={r['n']}: {r['tokens_per_s']:.0f} tokens/s fwd+bwd, "
-              f"MFU {100 * r['mfu']:.1f}% of measured matmul peak, "
-              f"peak mem {r['peak_mem'] / 2**30:.2f} GiB")
+        print(
+            f"encoder {preset} N={r['n']}: {r['tokens_per_s']:.0f} tokens/s fwd+bwd, "
+            f"MFU {100 * r['mfu']:.1f}% of measured matmul peak, "
+            f"peak mem {r['peak_mem'] / 2**30:.2f} GiB"
+        )
     for r in mem:
         mem_txt = "OOM" if r["peak_mem"] is None else f"{r['peak_mem'] / 2**30:.2f} GiB"
         print(f"checkpointed N={r['n']}: {mem_txt}")

@@ -6,6 +6,7 @@ FLOP/s as a fraction of a square-matmul peak measured first on the same device a
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
@@ -53,45 +54,56 @@ def matmul_peak(device, dtype, size=None, repeats=3) -> float:
     return 2.0 * size**3 / sec
 
 
-def bench_attention(ns, dim=768, heads=16, dtype="float32", device="cpu", repeats=2,
-                    dense_limit_s=60.0, out=print) -> list[dict]:
+def bench_attention(
+    ns, dim=768, heads=16, dtype="float32", device="cpu", repeats=2, dense_limit_s=60.0, out=print
+) -> list[dict]:
     """Time dense SDPA and dilated attention (GigaPath and default branches) per length."""
     device = torch.device(device)
     dt = _DTYPES[dtype]
     peak = matmul_peak(device, dt)
-    out(f"device {_device_name(device)}, dtype {dtype}, dim {dim}, heads {heads}, "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured)")
-    configs = {"gigapath": (GIGAPATH_SEGMENTS, GIGAPATH_DILATIONS),
-               "default": (DEFAULT_SEGMENTS, DEFAULT_DILATIONS)}
+    out(
+        f"device {_device_name(device)}, dtype {dtype}, dim {dim}, heads {heads}, "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured)"
+    )
+    configs = {
+        "gigapath": (GIGAPATH_SEGMENTS, GIGAPATH_DILATIONS),
+        "default": (DEFAULT_SEGMENTS, DEFAULT_DILATIONS),
+    }
     rows, dense_est = [], None
-    header = (f"{'N':>7} {'dense s':>9} {'gp s':>8} {'ours s':>8} {'dense/gp':>9} "
-              f"{'dense/ours':>10} {'dense %pk':>9} {'gp %pk':>7} {'ours %pk':>8}")
+    header = (
+        f"{'N':>7} {'dense s':>9} {'gp s':>8} {'ours s':>8} {'dense/gp':>9} "
+        f"{'dense/ours':>10} {'dense %pk':>9} {'gp %pk':>7} {'ours %pk':>8}"
+    )
     out(header)
     for n in ns:
-        q, k, v = (torch.randn(1, n, heads, dim // heads, device=device, dtype=dt)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, n, heads, dim // heads, device=device, dtype=dt) for _ in range(3)
+        )
         row = {"n": n}
         with torch.no_grad():
             if dense_est is None or dense_est(n) <= dense_limit_s:
-                row["dense_s"] = _timeit(lambda: dense_attention(q, k, v), device, repeats)
+                row["dense_s"] = _timeit(
+                    functools.partial(dense_attention, q, k, v), device, repeats
+                )
                 t_ref, n_ref = row["dense_s"], n
                 dense_est = lambda m, t=t_ref, r=n_ref: t * (m / r) ** 2  # noqa: E731
             else:
                 row["dense_s"] = None
                 row["dense_skipped_est_s"] = dense_est(n)
             for name, (segs, dils) in configs.items():
-                row[f"{name}_s"] = _timeit(
-                    lambda s=segs, d=dils: dilated_attention(q, k, v, s, d), device, repeats)
+                fn = functools.partial(dilated_attention, q, k, v, segs, dils)
+                row[f"{name}_s"] = _timeit(fn, device, repeats)
         row["dense_frac"] = _frac(attention_flops(n, dim), row["dense_s"], peak)
         for name, (segs, dils) in configs.items():
-            row[f"{name}_frac"] = _frac(attention_flops(n, dim, segs, dils), row[f"{name}_s"],
-                                        peak)
+            row[f"{name}_frac"] = _frac(attention_flops(n, dim, segs, dils), row[f"{name}_s"], peak)
         rows.append(row)
         out(_attention_line(row))
     skipped = [r["n"] for r in rows if r["dense_s"] is None]
     if skipped:
-        out(f"dense skipped for N={skipped}: estimated (N^2 from the last measured length) "
-            f"above --dense-limit {dense_limit_s:.0f}s; ratios there use that estimate")
+        out(
+            f"dense skipped for N={skipped}: estimated (N^2 from the last measured length) "
+            f"above --dense-limit {dense_limit_s:.0f}s; ratios there use that estimate"
+        )
     return rows
 
 
@@ -106,11 +118,13 @@ def _fmt(x, spec):
 def _attention_line(r):
     dense = r["dense_s"] if r["dense_s"] is not None else r.get("dense_skipped_est_s")
     mark = "" if r["dense_s"] is not None else "~"
-    return (f"{r['n']:>7} {mark + _fmt(dense, '.3f'):>9} {r['gigapath_s']:>8.3f} "
-            f"{r['default_s']:>8.3f} {mark + _fmt(dense / r['gigapath_s'], '.2f'):>9} "
-            f"{mark + _fmt(dense / r['default_s'], '.2f'):>10} "
-            f"{_fmt(r['dense_frac'] and 100 * r['dense_frac'], '.0f'):>9} "
-            f"{100 * r['gigapath_frac']:>7.0f} {100 * r['default_frac']:>8.0f}")
+    return (
+        f"{r['n']:>7} {mark + _fmt(dense, '.3f'):>9} {r['gigapath_s']:>8.3f} "
+        f"{r['default_s']:>8.3f} {mark + _fmt(dense / r['gigapath_s'], '.2f'):>9} "
+        f"{mark + _fmt(dense / r['default_s'], '.2f'):>10} "
+        f"{_fmt(r['dense_frac'] and 100 * r['dense_frac'], '.0f'):>9} "
+        f"{100 * r['gigapath_frac']:>7.0f} {100 * r['default_frac']:>8.0f}"
+    )
 
 
 def encoder_flops(encoder, n) -> float:
@@ -152,8 +166,16 @@ def _step(encoder, n, device, dt, grid_side):
     return run
 
 
-def bench_encoder(preset="gigapath", ns=(2048, 8192), mem_ns=(4096, 8192, 16384, 32768),
-                  dtype="float32", device="cpu", repeats=1, exact_grad=True, out=print):
+def bench_encoder(
+    preset="gigapath",
+    ns=(2048, 8192),
+    mem_ns=(4096, 8192, 16384, 32768),
+    dtype="float32",
+    device="cpu",
+    repeats=1,
+    exact_grad=True,
+    out=print,
+):
     """Forward+backward tokens/s and utilisation; memory growth with checkpointing on."""
     device = torch.device(device)
     dt = _DTYPES[dtype]
@@ -161,20 +183,29 @@ def bench_encoder(preset="gigapath", ns=(2048, 8192), mem_ns=(4096, 8192, 16384,
     encoder = build_encoder(preset, exact_grad=exact_grad).to(device).train()
     for blk in encoder.blocks:  # deterministic timing: no stochastic depth, no dropout
         blk.drop_path.p = 0.0
-    out(f"device {_device_name(device)}, dtype {dtype}, preset {preset}, "
+    out(
+        f"device {_device_name(device)}, dtype {dtype}, preset {preset}, "
         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
-        f"matmul peak {peak / 1e12:.2f} TFLOP/s (measured)")
+        f"matmul peak {peak / 1e12:.2f} TFLOP/s (measured)"
+    )
     out(f"{'N':>7} {'fwd+bwd s':>10} {'tokens/s':>10} {'MFU %pk':>8} {'peak mem GiB':>13}")
     rows = []
     for n in ns:
         encoder.set_grad_checkpointing(False)
         _reset_mem(device)
         sec = _timeit(_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, repeats)
-        row = {"n": n, "sec": sec, "tokens_per_s": n / sec,
-               "mfu": encoder_flops(encoder, n) / sec / peak, "peak_mem": _peak_mem(device)}
+        row = {
+            "n": n,
+            "sec": sec,
+            "tokens_per_s": n / sec,
+            "mfu": encoder_flops(encoder, n) / sec / peak,
+            "peak_mem": _peak_mem(device),
+        }
         rows.append(row)
-        out(f"{n:>7} {sec:>10.3f} {n / sec:>10.0f} {100 * row['mfu']:>8.1f} "
-            f"{row['peak_mem'] / 2**30:>13.2f}")
+        out(
+            f"{n:>7} {sec:>10.3f} {n / sec:>10.0f} {100 * row['mfu']:>8.1f} "
+            f"{row['peak_mem'] / 2**30:>13.2f}"
+        )
     out("activation checkpointing on:")
     out(f"{'N':>7} {'fwd+bwd s':>10} {'MFU %pk':>8} {'peak mem GiB':>13} {'mem/token KiB':>14}")
     mem_rows = []
@@ -190,10 +221,13 @@ def bench_encoder(preset="gigapath", ns=(2048, 8192), mem_ns=(4096, 8192, 16384,
             out(f"{n:>7} out of memory")
             continue
         mem = _peak_mem(device)
-        mem_rows.append({"n": n, "sec": sec, "peak_mem": mem,
-                         "mfu": encoder_flops(encoder, n) / sec / peak})
-        out(f"{n:>7} {sec:>10.3f} {100 * mem_rows[-1]['mfu']:>8.1f} {mem / 2**30:>13.2f} "
-            f"{mem / n / 1024:>14.1f}")
+        mem_rows.append(
+            {"n": n, "sec": sec, "peak_mem": mem, "mfu": encoder_flops(encoder, n) / sec / peak}
+        )
+        out(
+            f"{n:>7} {sec:>10.3f} {100 * mem_rows[-1]['mfu']:>8.1f} {mem / 2**30:>13.2f} "
+            f"{mem / n / 1024:>14.1f}"
+        )
     if device.type == "cpu":
         out("cpu memory is the process's peak RSS so far (monotone), lengths run in order")
     return rows, mem_rows

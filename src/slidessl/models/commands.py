@@ -13,28 +13,47 @@ def register(subparsers) -> None:
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     att = sub.add_parser("attention", help="dense SDPA vs dilated attention per length")
-    att.add_argument("--n", type=_ints, default=[1024, 4096, 8192, 16384, 32768],
-                     help="comma-separated sequence lengths")
+    att.add_argument(
+        "--n",
+        type=_ints,
+        default=[1024, 4096, 8192, 16384, 32768],
+        help="comma-separated sequence lengths",
+    )
     att.add_argument("--dim", type=int, default=768)
     att.add_argument("--heads", type=int, default=16)
     att.add_argument("--repeats", type=int, default=2)
-    att.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="default: float32 on CPU, bfloat16 on CUDA")
+    att.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    att.add_argument("--dense-limit", type=float, default=60.0,
-                     help="skip dense when its estimated time exceeds this many seconds")
+    att.add_argument(
+        "--dense-limit",
+        type=float,
+        default=60.0,
+        help="skip dense when its estimated time exceeds this many seconds",
+    )
     att.set_defaults(func=_attention)
 
     enc = sub.add_parser("encoder", help="forward+backward throughput, utilisation, memory")
     enc.add_argument("--preset", default="gigapath")
     enc.add_argument("--n", type=_ints, default=[2048, 8192])
-    enc.add_argument("--mem-n", type=_ints, default=[4096, 8192, 16384, 32768],
-                     help="lengths for the checkpointed memory table")
+    enc.add_argument(
+        "--mem-n",
+        type=_ints,
+        default=[4096, 8192, 16384, 32768],
+        help="lengths for the checkpointed memory table",
+    )
     enc.add_argument("--repeats", type=int, default=1)
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     enc.add_argument("--device", default=None)
-    enc.add_argument("--inexact-grad", action="store_true",
-                     help="treat branch LSE weights as constants in backward (as torchscale)")
+    enc.add_argument(
+        "--inexact-grad",
+        action="store_true",
+        help="treat branch LSE weights as constants in backward (as torchscale)",
+    )
     enc.set_defaults(func=_encoder)
 
 
@@ -60,6 +79,13 @@ def _encoder(args) -> int:
     from slidessl.models.bench import bench_encoder
 
     device, dtype = _device_dtype(args)
-    bench_encoder(args.preset, args.n, args.mem_n, dtype, device, args.repeats,
-                  exact_grad=not args.inexact_grad)
+    bench_encoder(
+        args.preset,
+        args.n,
+        args.mem_n,
+        dtype,
+        device,
+        args.repeats,
+        exact_grad=not args.inexact_grad,
+    )
     return 0

@@ -102,8 +102,12 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     except RuntimeError as exc:
         if _BACKEND["name"] == "fused":
             raise
-        warnings.warn(f"fused attention with LSE failed on {q.device} ({exc}); using the "
-                      "explicit matmul path", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fused attention with LSE failed on {q.device} ({exc}); using the "
+            "explicit matmul path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if res is None:
         return _manual(q, k, v, key_valid, scale)
     out, lse = res
