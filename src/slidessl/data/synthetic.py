@@ -56,7 +56,10 @@ def _mutation_probs(th: int, inf: int, sub: int, kras: int | None = None) -> dic
 def patient_labels(n_patients: int, rng: np.random.Generator) -> list[dict]:
     """Per-patient labels; binary and subtype labels balanced, mutations Bernoulli."""
     th = _balanced(n_patients, 2, rng)
-    inf = _balanced(n_patients, 2, rng)
+    inf = np.zeros(n_patients, dtype=np.int64)
+    for level in (0, 1):  # balanced within each composition class: equal composition by design
+        idx = np.flatnonzero(th == level)
+        inf[idx] = _balanced(len(idx), 2, rng)
     sub = _balanced(n_patients, len(tissue.SUBTYPES), rng)
     rows = []
     for i in range(n_patients):
