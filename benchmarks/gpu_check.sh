@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 "$PY" - <<'PYEOF'
 import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),

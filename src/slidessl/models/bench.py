@@ -32,10 +32,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timeit(fn, device, repeats):
+def _timeit(fn, device, repeats, warmup=True):
     """Best wall time of ``repeats`` runs after one warm-up."""
-    fn()
-    _sync(device)
+    if warmup:
+        fn()
+        _sync(device)
     best = math.inf
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -213,7 +214,7 @@ def bench_encoder(
     for n in mem_ns:
         _reset_mem(device)
         try:
-            sec = _timeit(_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, 0)
+            sec = _timeit(_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, 1, False)
         except torch.OutOfMemoryError:
             encoder.zero_grad(set_to_none=True)
             _reset_mem(device)
