@@ -80,7 +80,7 @@ class SlideRecord:
         out = np.asarray(data, dtype=np.float32)
         if out.shape[1:] != (self.feature_dim,):
             raise SlideError(self.path, f"features changed shape on read: {out.shape}")
-        finite = np.isfinite(out).all(axis=1)
+        finite = _finite_rows(out)
         if not finite.all():
             raise SlideError(
                 self.path,
@@ -94,6 +94,16 @@ class SlideRecord:
         return _scan_nonfinite(self.path, self.container, self.num_file_rows, self.file_rows)
 
 
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """Per-row "all finite"; a row sum is NaN/Inf whenever a value is (fast path first)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(x.sum(axis=1))
+    if not finite.all():  # a sum may also overflow: check the flagged rows exactly
+        flagged = np.flatnonzero(~finite)
+        finite[flagged] = np.isfinite(x[flagged]).all(axis=1)
+    return finite
+
+
 def _scan_nonfinite(path, container, n_rows, keep=None) -> np.ndarray:
     """Indices (into ``keep`` when given, else file rows) of rows with NaN/Inf features."""
     if container == "h5":
@@ -101,11 +111,11 @@ def _scan_nonfinite(path, container, n_rows, keep=None) -> np.ndarray:
         for start in range(0, n_rows, _SCAN_CHUNK):
             rows = np.arange(start, min(start + _SCAN_CHUNK, n_rows))
             block = readers.read_rows(path, "h5", rows, n_rows)
-            bad.append(rows[~np.isfinite(block).all(axis=1)])
+            bad.append(rows[~_finite_rows(block)])
         bad_rows = np.concatenate(bad) if bad else np.zeros(0, np.int64)
     else:
         block = readers.read_rows(path, container, None, n_rows)
-        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        bad_rows = np.flatnonzero(~_finite_rows(block))
     if keep is None:
         return bad_rows.astype(np.int64)
     return np.flatnonzero(np.isin(keep, bad_rows)).astype(np.int64)
@@ -164,9 +174,10 @@ def _integer_coords(path: Path, coords: np.ndarray) -> np.ndarray:
 
 
 def _check_duplicates(path: Path, coords: np.ndarray) -> None:
-    uniq, counts = np.unique(coords, axis=0, return_counts=True)
+    key = coords[:, 0] * (int(coords[:, 1].max()) + 1) + coords[:, 1]  # coords >= 0 here
+    uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
     if len(uniq) < len(coords):
-        x, y = uniq[np.argmax(counts)]
+        x, y = coords[first[np.argmax(counts)]]
         raise SlideError(
             path,
             f"duplicate coordinates: {len(coords) - len(uniq)} tiles repeat a position "

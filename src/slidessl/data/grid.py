@@ -62,7 +62,7 @@ def to_grid(coords: np.ndarray, stride: float, *, tol: float = 0.1) -> np.ndarra
             "strides off)"
         )
     grid = g.astype(np.int64)
-    n_cells = np.unique(grid, axis=0).shape[0]
+    n_cells = np.unique(grid[:, 0] * (int(grid[:, 1].max()) + 1) + grid[:, 1]).size
     if n_cells < len(grid):
         raise GridError(
             f"stride {stride:g} collapses the grid: {len(grid)} tiles fall on only "
