@@ -1,0 +1,198 @@
+"""Supervised baseline: gated-attention ABMIL trained per task and fold on tile features.
+
+Same outer folds (from the folds file) and the same statistics as the linear probe. In each
+outer fold, one patient-grouped stratified fifth of the training slides is held out for
+early stopping (AdamW; the weights of the epoch with the lowest validation loss are kept).
+On CPU it stays fast by sampling at most ``train_tiles`` tiles per slide per epoch and
+batching slides with padding masks; validation and test use every loaded tile (or a fixed
+seeded subsample of ``eval_tiles``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slidessl.eval.probe import grouped_stratified_split
+from slidessl.eval.tasks import Task
+from slidessl.models.abmil import GatedABMIL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ABMILConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    epochs: int = 20
+    patience: int = 4
+    batch_size: int = 8
+    train_tiles: int = 2048
+    eval_tiles: int | None = None  # tiles per slide at validation / test (None: all loaded)
+    val_fraction_folds: int = 5  # inner split: 1 of this many patient-grouped folds
+    proj_dim: int = 512
+    attn_dim: int = 256
+    dropout: float = 0.25
+    seed: int = 0
+
+
+def _targets(task: Task) -> tuple[torch.Tensor, int]:
+    if task.kind == "binary":
+        return torch.as_tensor(task.y, dtype=torch.float32)[:, None], 1
+    if task.kind == "multiclass":
+        return torch.as_tensor(task.y, dtype=torch.long), len(task.classes)
+    return torch.as_tensor(task.y, dtype=torch.float32), task.y.shape[1]
+
+
+def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "multiclass":
+        return F.cross_entropy(logits, target, reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+
+
+def _scores(kind: str, logits: torch.Tensor) -> np.ndarray:
+    if kind == "multiclass":
+        return torch.softmax(logits, dim=1).numpy()
+    p = torch.sigmoid(logits).numpy()
+    return p[:, 0] if kind == "binary" else p
+
+
+def _batch(feats: list[torch.Tensor], idx, max_tiles: int | None, gen: torch.Generator):
+    chosen = []
+    for i in idx:
+        x = feats[i]
+        if max_tiles is not None and len(x) > max_tiles:
+            x = x[torch.randperm(len(x), generator=gen)[:max_tiles]]
+        chosen.append(x)
+    n = max(len(x) for x in chosen)
+    out = torch.zeros(len(chosen), n, chosen[0].shape[1])
+    mask = torch.ones(len(chosen), n, dtype=torch.bool)
+    for b, x in enumerate(chosen):
+        out[b, : len(x)] = x
+        mask[b, : len(x)] = False
+    return out, mask
+
+
+@torch.no_grad()
+def _predict(
+    model, feats, idx, kind, batch_size, eval_tiles=None
+) -> tuple[torch.Tensor, np.ndarray]:
+    model.eval()
+    logits = []
+    for s in range(0, len(idx), batch_size):
+        x, m = _batch(feats, idx[s : s + batch_size], eval_tiles, torch.Generator().manual_seed(0))
+        logits.append(model(x, m))
+    z = torch.cat(logits) if logits else torch.zeros(0, model.n_outputs)
+    return z, _scores(kind, z)
+
+
+def train_fold(
+    feats: list[torch.Tensor], task: Task, train: np.ndarray, test: np.ndarray, cfg: ABMILConfig
+) -> tuple[np.ndarray, dict]:
+    """Train on ``train`` (indices; an inner split of it for early stopping), score ``test``."""
+    target, n_out = _targets(task)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    groups = np.asarray(task.patient_ids)[train]
+    if task.kind == "multilabel":
+        key = np.unique(task.y[train], axis=0, return_inverse=True)[1].reshape(-1)
+    else:
+        key = task.y[train]
+    inner = grouped_stratified_split(key, groups, cfg.val_fraction_folds, cfg.seed)
+    val, fit = train[inner == 0], train[inner != 0]
+    model = GatedABMIL(feats[0].shape[1], n_out, cfg.proj_dim, cfg.attn_dim, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    rng = np.random.default_rng(cfg.seed)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(fit)
+        total = 0.0
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            x, m = _batch(feats, idx, cfg.train_tiles, gen)
+            loss = _loss(task.kind, model(x, m), target[idx]) / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        z, _ = _predict(model, feats, val, task.kind, cfg.batch_size, cfg.eval_tiles)
+        val_loss = float(_loss(task.kind, z, target[val])) / max(len(val), 1)
+        history.append({"epoch": epoch, "train_loss": total / len(fit), "val_loss": val_loss})
+        if val_loss < best - 1e-6:
+            best, best_state, bad = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    _, scores = _predict(model, feats, test, task.kind, cfg.batch_size, cfg.eval_tiles)
+    return scores, {"epochs": len(history), "best_val_loss": best, "history": history}
+
+
+def run_abmil(
+    features: dict[str, torch.Tensor],
+    tasks: list[Task],
+    folds: list[np.ndarray],
+    cfg: ABMILConfig,
+    progress: bool = True,
+):
+    """ABMIL for every task and fold; ``features`` maps slide id -> (n, D) tiles.
+
+    Returns ``(tasks, folds, scores, fold_logs)`` restricted to slides with features.
+    """
+    from tqdm.auto import tqdm
+
+    out_tasks, out_folds, out_scores, logs = [], [], [], []
+    jobs = sum(int(f.max()) + 1 for f in folds)
+    bar = tqdm(total=jobs, desc="abmil", disable=not progress)
+    for task, fold in zip(tasks, folds):
+        keep = np.array([s in features for s in task.slide_ids])
+        if not keep.all():
+            log.warning(
+                "abmil: %d slides of task %r could not be read and are left out",
+                int((~keep).sum()),
+                task.name,
+            )
+        sub, fold = task.subset(keep), fold[keep]
+        sub.meta["n_missing_embeddings"] = int((~keep).sum())
+        feats = [features[s] for s in sub.slide_ids]
+        shape = (len(feats),) if sub.kind == "binary" else (len(feats), _targets(sub)[1])
+        scores = np.zeros(shape)
+        task_logs = []
+        for f in range(int(fold.max()) + 1):
+            test = np.where(fold == f)[0]
+            train = np.where(fold != f)[0]
+            if len(test):
+                s, info = train_fold(feats, sub, train, test, cfg)
+                scores[test] = s
+                task_logs.append({"fold": f, **{k: v for k, v in info.items() if k != "history"}})
+            bar.update(1)
+        sub.meta["abmil_folds"] = task_logs
+        out_tasks.append(sub)
+        out_folds.append(fold)
+        out_scores.append(scores)
+        logs.append(task_logs)
+    bar.close()
+    return out_tasks, out_folds, out_scores, logs
+
+
+def load_tile_features(
+    manifest, max_tiles: int | None = 8192, seed: int = 0, on_bad_slide: str = "error"
+) -> dict[str, torch.Tensor]:
+    """Tile features of every readable slide (capped, seeded), keyed by slide id."""
+    from slidessl.data.dataset import SlideDataset
+
+    ds = SlideDataset(manifest, max_tiles=max_tiles, on_bad_slide=on_bad_slide, seed=seed)
+    out = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        if item is not None:
+            out[item["slide_id"]] = item["features"]
+    return out

@@ -1,0 +1,195 @@
+"""One embedding per slide from any encoder, through one pipe, so baselines compare fairly.
+
+``ENCODER`` is one of:
+
+- a teacher export folder / ``model.safetensors`` / training checkpoint
+  (``slidessl.load_encoder``);
+- ``meanpool``: the mean of the slide's tile features (no model);
+- ``random`` / ``random:PRESET`` / ``random:PATH``: a randomly initialised encoder of a
+  preset (default ``tiny``) or of the architecture of an export at PATH, with the input dim
+  taken from the data (seeded: the same random weights every run);
+- ``gigapath:PATH``: a local Prov-GigaPath ``slide_encoder.pth``
+  (``slidessl.models.gigapath.load_gigapath``; positions are our integer grid).
+
+Pooling: ``cls`` (final CLS), ``mean`` (mean of the final tokens over real tiles),
+``pooled`` (the encoder's configured pool), or ``layers:I,J,...`` (the concatenation of the
+pooled outputs of blocks I, J, ... - negative indices count from the last block).
+
+Every slide is read whole up to ``max_tiles`` (a seeded, spatially uniform subsample above
+it), in spatial order, in eval mode under ``torch.no_grad``: deterministic. Slides are
+batched with padding masks. Slides already in the output file are skipped (resume).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
+
+log = logging.getLogger(__name__)
+POOLINGS = ("cls", "mean", "pooled")
+
+
+def parse_pooling(pooling: str) -> tuple[str, list[int] | None]:
+    if pooling in POOLINGS:
+        return pooling, None
+    if pooling.startswith("layers:"):
+        try:
+            layers = [int(t) for t in pooling[len("layers:") :].split(",") if t.strip()]
+        except ValueError as exc:
+            raise ValueError(f"pooling {pooling!r}: layer indices must be integers") from exc
+        if layers:
+            return "layers", layers
+    raise ValueError(f"unknown pooling {pooling!r}; use cls, mean, pooled or layers:-1,-2")
+
+
+def build_embedder(spec: str, in_dim: int, seed: int = 0):
+    """``(encoder or None, description)``; ``None`` means mean pooling of tile features."""
+    if spec == "meanpool":
+        return None, "meanpool"
+    if spec == "random" or spec.startswith("random:"):
+        from slidessl.models.encoder import PRESETS, SlideEncoder, build_encoder
+
+        arg = spec.partition(":")[2] or "tiny"
+        torch.manual_seed(seed)
+        if arg in PRESETS:
+            enc = build_encoder(arg, in_dim=in_dim)
+        elif Path(arg).exists():
+            from slidessl import load_encoder
+
+            cfg = dict(load_encoder(arg).config)
+            cfg["in_dim"] = in_dim
+            torch.manual_seed(seed)
+            enc = SlideEncoder(**cfg)
+        else:
+            raise ValueError(f"{spec}: {arg!r} is neither a preset {sorted(PRESETS)} nor a path")
+        return enc.eval(), f"random:{arg}:seed{seed}"
+    if spec.startswith("gigapath:"):
+        from slidessl.models.gigapath import load_gigapath
+
+        path = spec.partition(":")[2]
+        return load_gigapath(path).eval(), f"gigapath:{Path(path).resolve()}"
+    from slidessl import load_encoder
+
+    if not Path(spec).exists():
+        raise ValueError(
+            f"{spec}: no such encoder (expected a teacher folder, checkpoint, meanpool, "
+            "random[:PRESET] or gigapath:PATH)"
+        )
+    return load_encoder(spec).eval(), str(Path(spec).resolve())
+
+
+def pad_batch(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slide dicts -> features (B, N, D), grid (B, N, 2), padding_mask (B, N) True = pad."""
+    n = max(len(it["features"]) for it in items)
+    d = items[0]["features"].shape[1]
+    x = torch.zeros(len(items), n, d)
+    g = torch.zeros(len(items), n, 2, dtype=torch.long)
+    mask = torch.ones(len(items), n, dtype=torch.bool)
+    for b, it in enumerate(items):
+        k = len(it["features"])
+        x[b, :k], g[b, :k], mask[b, :k] = it["features"], it["grid"], False
+    return x, g, mask
+
+
+@torch.no_grad()
+def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
+    """(B, E) slide vectors for a list of slide dicts (``features``, ``grid``)."""
+    if encoder is None:
+        return np.stack([it["features"].double().mean(0).float().numpy() for it in items])
+    kind, layers = parse_pooling(pooling)
+    x, g, mask = pad_batch(items)
+    if x.shape[-1] != encoder.in_dim:
+        raise ValueError(
+            f"slide {items[0]['slide_id']!r}: tile features have dim {x.shape[-1]}, "
+            f"the encoder expects {encoder.in_dim}"
+        )
+    if kind == "layers":
+        return encoder.embed(x, g, mask, layers=layers).float().numpy()
+    out = encoder.forward_features(x, g, mask)
+    if kind == "cls":
+        return out["cls"].float().numpy()
+    if kind == "pooled":
+        return out["pooled"].float().numpy()
+    keep = (~mask).unsqueeze(-1).float()
+    return ((out["tokens"].float() * keep).sum(1) / keep.sum(1)).numpy()
+
+
+def embed_items(encoder, items: list[dict], pooling: str = "cls", batch_size: int = 4):
+    """``(slide_ids, (n, E) vectors)`` for preloaded slide dicts (batched by similar length)."""
+    order = np.argsort([len(it["features"]) for it in items], kind="stable")
+    ids, vecs = [], []
+    for s in range(0, len(order), batch_size):
+        batch = [items[int(i)] for i in order[s : s + batch_size]]
+        vecs.append(embed_batch(encoder, batch, pooling))
+        ids += [it["slide_id"] for it in batch]
+    return ids, np.concatenate(vecs)
+
+
+def run_embed(
+    encoder_spec: str,
+    manifest,
+    out: str | Path,
+    pooling: str = "cls",
+    max_tiles: int | None = 8192,
+    batch_size: int = 4,
+    seed: int = 0,
+    on_bad_slide: str = "error",
+    progress: bool = True,
+) -> dict:
+    """Embed every slide of ``manifest`` into ``out``; returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    from slidessl.data.dataset import SlideDataset
+    from slidessl.data.manifest import Manifest, load_manifest
+
+    parse_pooling(pooling)
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    out = Path(out)
+    done: set[str] = set()
+    if out.exists():
+        ids, _, attrs = read_embeddings(out)
+        done = set(ids)
+    todo = [e for e in manifest.entries if e.slide_id not in done]
+    summary = {"out": str(out), "skipped_existing": len(done), "written": 0, "bad_slides": []}
+    if not todo:
+        log.info("%s: all %d slides already embedded", out, len(done))
+        return summary
+    sub = Manifest(entries=todo, label_columns=manifest.label_columns, source=manifest.source)
+    ds = SlideDataset(
+        sub, max_tiles=max_tiles, order="hilbert", on_bad_slide=on_bad_slide, seed=seed
+    )
+    encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
+    attrs_new = {
+        "encoder": desc,
+        "pooling": "mean-of-tiles" if encoder is None else pooling,
+        "max_tiles": -1 if max_tiles is None else int(max_tiles),
+    }
+    if done:
+        for key in ("encoder", "pooling"):
+            if str(attrs.get(key)) != str(attrs_new[key]):
+                raise ValueError(
+                    f"{out}: holds embeddings with {key}={attrs.get(key)!r}, not "
+                    f"{attrs_new[key]!r}; write to a new file"
+                )
+    # Similar lengths in a batch waste less padding; order does not change the vectors.
+    order = np.argsort(ds.num_tiles, kind="stable")
+    with EmbeddingWriter(out, attrs_new) as writer:
+        bar = tqdm(total=len(ds), desc=f"embed {Path(encoder_spec).name}", disable=not progress)
+        for s in range(0, len(order), batch_size):
+            items = [ds[int(i)] for i in order[s : s + batch_size]]
+            items = [it for it in items if it is not None]
+            if items:
+                vecs = embed_batch(encoder, items, pooling)
+                writer.write([it["slide_id"] for it in items], vecs)
+                summary["written"] += len(items)
+            bar.update(len(order[s : s + batch_size]))
+        bar.close()
+    summary["bad_slides"] = list(ds.skipped)
+    summary["dim"] = int(vecs.shape[1]) if summary["written"] else None
+    return summary
