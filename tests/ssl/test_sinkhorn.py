@@ -19,7 +19,10 @@ def test_rows_are_assignments_and_prototypes_equipartitioned():
 
 def test_invariant_to_a_shift_and_finite_for_huge_logits():
     t = torch.randn(10, 12)
-    torch.testing.assert_close(sinkhorn_knopp(t + 40.0, 0.05), sinkhorn_knopp(t, 0.05))
+    # a shift of 800 in log space costs float32 about 800 * 6e-8 = 5e-5 of precision
+    torch.testing.assert_close(
+        sinkhorn_knopp(t + 40.0, 0.05), sinkhorn_knopp(t, 0.05), atol=2e-4, rtol=2e-4
+    )
     q = sinkhorn_knopp(t * 1e3, 0.01)  # exp() of these overflows / underflows in float32
     assert torch.isfinite(q).all()
     torch.testing.assert_close(q.sum(-1), torch.ones(10))
