@@ -147,3 +147,23 @@ def test_open_reads_no_features(slide_factory, monkeypatch):
     monkeypatch.setattr(readers, "read_rows", lambda *a, **k: calls.append(a))
     open_slide(path)
     assert calls == []
+
+
+def test_subset_read_asks_h5_for_those_rows_only(slide_factory, rng, monkeypatch):
+    """A small subset is read with sorted fancy indexing, not by loading the dataset."""
+    import h5py
+
+    path, feats, _, _ = slide_factory(n=2000, dim=8, width=80)
+    rec = open_slide(path)
+    seen = []
+    original = h5py.Dataset.__getitem__
+
+    def spy(self, key):
+        seen.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    rows = rng.choice(2000, 100, replace=False)
+    np.testing.assert_array_equal(rec.read_features(rows), feats[rows])
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], np.sort(rows))
