@@ -40,6 +40,14 @@ def test_to_grid_rejects_collapsing_stride(rng):
         to_grid(coords, 512.0)
 
 
+def test_to_grid_flags_duplicates_unless_told_unique(rng):
+    coords = np.unique(rng.integers(0, 30, (50, 2)), axis=0) * 256
+    coords = np.concatenate([coords, coords[:1]])
+    with pytest.raises(GridError, match="collapses the grid"):
+        to_grid(coords, 256.0)
+    assert len(to_grid(coords, 256.0, assume_unique=True)) == len(coords)
+
+
 def test_to_grid_rejects_nonpositive_stride():
     with pytest.raises(GridError, match="positive"):
         to_grid(np.zeros((3, 2)), 0.0)

@@ -248,7 +248,7 @@ def open_slide(
             log.warning("%s: dropped %d of %d tiles with NaN/Inf features", path, bad.size, n_rows)
     step, source = resolve_stride(path, coords, attrs, stride, stride_source)
     try:
-        grid = to_grid(coords, step)
+        grid = to_grid(coords, step, assume_unique=True)
     except GridError as exc:
         raise SlideError(path, f"{exc} (stride from {source})") from exc
     return SlideRecord(

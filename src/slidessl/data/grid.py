@@ -35,13 +35,16 @@ def infer_stride(coords: np.ndarray) -> float | None:
     return float(values[np.argmax(counts)])
 
 
-def to_grid(coords: np.ndarray, stride: float, *, tol: float = 0.1) -> np.ndarray:
+def to_grid(
+    coords: np.ndarray, stride: float, *, tol: float = 0.1, assume_unique: bool = False
+) -> np.ndarray:
     """Integer grid positions ``(gx, gy)`` of tiles: origin subtracted, divided by the stride.
 
     ``tol`` is the largest distance (in strides) a tile may lie off the grid before the
     stride is declared not to divide the coordinate gaps. Raises :class:`GridError` when
     the stride is not positive, does not divide the gaps, or collapses the grid (several
-    tiles on one cell).
+    tiles on one cell). ``assume_unique=True`` (the readers, which reject duplicate
+    coordinates first) skips the collision check when every tile lies exactly on the grid.
     """
     c = np.asarray(coords, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] != 2:
@@ -62,6 +65,8 @@ def to_grid(coords: np.ndarray, stride: float, *, tol: float = 0.1) -> np.ndarra
             "strides off)"
         )
     grid = g.astype(np.int64)
+    if assume_unique and off.max() < 1e-9:  # exact: distinct coords, distinct cells
+        return grid
     n_cells = np.unique(grid[:, 0] * (int(grid[:, 1].max()) + 1) + grid[:, 1]).size
     if n_cells < len(grid):
         raise GridError(
