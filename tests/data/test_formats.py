@@ -131,7 +131,7 @@ def test_read_features_any_order_with_repeats(slide_factory, rng):
     rec = open_slide(path)
     rows = rng.integers(0, 500, 64)  # unsorted, with repeats
     np.testing.assert_array_equal(rec.read_features(rows), feats[rows])
-    big = rng.choice(500, 400, replace=False)  # above the whole-read threshold
+    big = rng.choice(500, 400, replace=False)  # above the whole-read threshold (half)
     np.testing.assert_array_equal(rec.read_features(big), feats[big])
     assert rec.read_features(np.array([], dtype=np.int64)).shape == (0, feats.shape[1])
     with pytest.raises(SlideError, match="out of range"):

@@ -21,7 +21,7 @@ PT_EXTENSIONS = (".pt", ".pth")
 SLIDE_EXTENSIONS = H5_EXTENSIONS + (".npz",) + PT_EXTENSIONS
 
 # Reading more than this fraction of the rows reads the whole dataset and slices in memory.
-_WHOLE_READ_FRACTION = 0.25
+_WHOLE_READ_FRACTION = 0.5
 
 
 @dataclass
