@@ -9,6 +9,16 @@ Here the batch mean is split in two calls: ``accumulate_center`` adds a micro-ba
 and row count to a pending total (the centre does not move), and ``apply_center_update`` —
 called once per optimizer step — all-reduces the pending totals across ranks (when
 ``torch.distributed`` is initialised), applies the EMA with the global mean and clears them.
+
+Example (``DINOLoss`` and ``iBOTPatchLoss`` derive from ``CenteredLoss``)::
+
+    >>> import torch
+    >>> c = CenteredLoss(out_dim=4, center_momentum=0.5)
+    >>> c.accumulate_center(torch.ones(2, 4)); c.accumulate_center(3 * torch.ones(2, 4))
+    >>> c.center.sum().item(), c.pending_count
+    (0.0, 4)
+    >>> c.apply_center_update(); c.center
+    tensor([[1., 1., 1., 1.]])
 """
 
 from __future__ import annotations
