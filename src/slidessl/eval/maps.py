@@ -1,0 +1,100 @@
+"""Slide maps: tiles drawn at their grid positions, coloured by what the encoder sees.
+
+Two maps per slide:
+
+- **CLS attention** of the last block. The models layer exposes no attention hook, so it is
+  recomputed here from the last block's weights: the block input (the previous block's
+  output, from ``forward_features(return_layers=True)``) goes through the block's
+  ``self_attn_layer_norm``, ``q_proj`` (CLS row) and ``k_proj`` (tile rows); the map is
+  ``softmax(q_cls . k_tile / sqrt(d_head))`` over real tiles, averaged over heads. This is
+  the *dense* CLS-to-tile attention: it ignores LongNet's segment / dilation sparsity (under
+  which CLS sees only a subset of tiles per branch) and CLS's weight on itself, and is a
+  picture of what the last block's queries prefer, not of the exact mixing.
+- **PCA** of the final token embeddings: the first three principal components, each scaled
+  to [0, 1], used as RGB (the DINOv2 visualisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def cls_attention(encoder, x: torch.Tensor, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(attention (N,), tokens (N, E))`` for one slide: x (N, D), grid (N, 2)."""
+    encoder.eval()
+    out = encoder.forward_features(x[None], grid[None], return_layers=True)
+    if not encoder.blocks:
+        raise ValueError("encoder has no blocks: no attention to map")
+    h_in = out["layers"][-2] if len(out["layers"]) > 1 else out["embed"]
+    blk = encoder.blocks[-1]
+    attn_mod = blk.self_attn
+    hn = blk.self_attn_layer_norm(h_in)
+    heads = attn_mod.num_heads
+    e = hn.shape[-1]
+    q = attn_mod.q_proj(hn[:, :1]).view(1, 1, heads, e // heads)
+    k = attn_mod.k_proj(hn[:, 1:]).view(1, -1, heads, e // heads)
+    logits = torch.einsum("bqhd,bnhd->bhn", q, k) / math.sqrt(e // heads)
+    attn = torch.softmax(logits.float(), dim=-1).mean(dim=1)[0]
+    return attn.numpy(), out["tokens"][0].float().numpy()
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """(N, E) -> (N, 3) colours in [0, 1] from the first three principal components."""
+    z = tokens - tokens.mean(axis=0)
+    if len(z) < 2:
+        return np.full((len(z), 3), 0.5)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    comps = z @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = comps.min(axis=0), comps.max(axis=0)
+    return (comps - lo) / np.where(hi > lo, hi - lo, 1.0)
+
+
+def raster(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Canvas (H, W, C) with ``values`` (N, C) at grid cells; empty cells are NaN."""
+    grid = np.asarray(grid) - np.asarray(grid).min(axis=0)
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 1:
+        values = values[:, None]
+    w, h = grid.max(axis=0) + 1
+    canvas = np.full((h, w, values.shape[1]), np.nan)
+    canvas[grid[:, 1], grid[:, 0]] = values
+    return canvas
+
+
+def save_slide_maps(encoder, item: dict, path, title: str = "") -> dict:
+    """Write one PNG (attention | PCA) for a slide dict; returns summary numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attn, tokens = cls_attention(encoder, item["features"], item["grid"])
+    grid = item["grid"].numpy()
+    rgb = raster(grid, pca_rgb(tokens))
+    att = raster(grid, attn * len(attn))[..., 0]  # 1 = uniform attention
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    im = axes[0].imshow(att, cmap="magma", interpolation="nearest")
+    axes[0].set_title("last-block CLS attention (x uniform)")
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    axes[1].imshow(np.nan_to_num(rgb, nan=1.0), interpolation="nearest")
+    axes[1].set_title("PCA of token embeddings (RGB)")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title or item["slide_id"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    ent = float(-(attn * np.log(np.maximum(attn, 1e-30))).sum() / math.log(max(len(attn), 2)))
+    return {
+        "slide_id": item["slide_id"],
+        "path": str(path),
+        "n_tiles": len(attn),
+        "attention_entropy_norm": ent,
+        "attention_max_x_uniform": float(attn.max() * len(attn)),
+    }

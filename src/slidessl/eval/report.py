@@ -1,0 +1,265 @@
+"""``slidessl report RUN_DIR``: one page that says how the methods compare, with spread.
+
+Reads every ``metrics.json`` (probe / ABMIL) and ``retrieval.json`` under RUN_DIR, the
+pretraining run's ``metrics.csv`` when there is one, and ``RUN_DIR/run.json`` (written by
+``slidessl demo``: manifest, encoder, the method to judge) for slide maps and the verdict.
+Writes ``report.md``, ``report.json`` (``{"results": [{"method", "task", "auroc_mean",
+"auroc_std", "auprc_mean", "auprc_std", ...}], ...}``) and PNGs under ``RUN_DIR/figures``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+RESULT_KEYS = (
+    "auroc_mean",
+    "auroc_std",
+    "auprc_mean",
+    "auprc_std",
+    "auroc_ci",
+    "auprc_ci",
+    "n_slides",
+    "k",
+)
+
+
+def collect_results(run_dir: Path) -> tuple[list[dict], dict[str, Path]]:
+    rows, pred_files = [], {}
+    for path in sorted(run_dir.rglob("metrics.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if "tasks" not in doc or "method" not in doc:
+            continue
+        method = doc["method"]
+        pred_files[method] = path.parent / "predictions.npz"
+        for task, s in doc["tasks"].items():
+            row = {"method": method, "task": task, **{k: s.get(k) for k in RESULT_KEYS}}
+            if s.get("kind") == "multilabel":
+                row["auroc_micro_mean"] = s.get("auroc_micro_mean")
+                row["auprc_micro_mean"] = s.get("auprc_micro_mean")
+            rows.append(row)
+    return rows, pred_files
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _cell(mean, std) -> str:
+    return "n/a" if mean is None else f"{_num(mean):.3f} ± {_num(std):.3f}"
+
+
+def verdicts(rows: list[dict], focus: str | None) -> list[str]:
+    """One plain sentence per task: does ``focus`` beat every other method on AUROC?"""
+    if not focus:
+        return []
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by = {r["method"]: r for r in rows if r["task"] == task and r["auroc_mean"] is not None}
+        if focus not in by or len(by) < 2:
+            continue
+        me = by[focus]
+        others = {m: r for m, r in by.items() if m != focus}
+        best_m, best = max(others.items(), key=lambda kv: kv[1]["auroc_mean"])
+        diff = me["auroc_mean"] - best["auroc_mean"]
+        spread = max(_num(me["auroc_std"]), _num(best["auroc_std"]))
+        if diff > 0:
+            clear = "by more than" if diff > spread else "but by less than"
+            out.append(
+                f"`{task}`: **{focus} beats every baseline** (AUROC {me['auroc_mean']:.3f} vs "
+                f"best baseline {best_m} {best['auroc_mean']:.3f}; +{diff:.3f}, {clear} one "
+                f"fold std {spread:.3f})."
+            )
+        else:
+            out.append(
+                f"`{task}`: **{focus} does NOT beat the baselines**: AUROC "
+                f"{me['auroc_mean']:.3f} ± {_num(me['auroc_std']):.3f} vs {best_m} "
+                f"{best['auroc_mean']:.3f} ± {_num(best['auroc_std']):.3f} ({diff:+.3f})."
+            )
+    return out
+
+
+def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
+    """ROC and PR curves per task (binary, or micro-averaged one-vs-rest), all methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    preds = {m: np.load(p) for m, p in pred_files.items() if p.exists()}
+    tasks = dict.fromkeys(k.split("/")[0] for d in preds.values() for k in d.files)
+    written = []
+    for task in tasks:
+        fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+        for method, d in preds.items():
+            if f"{task}/y" not in d.files:
+                continue
+            y, s, kind = d[f"{task}/y"], d[f"{task}/scores"], str(d[f"{task}/kind"])
+            if kind == "multiclass":
+                y = np.eye(s.shape[1])[y]
+            y, s = np.asarray(y).ravel(), np.asarray(s).ravel()
+            if y.min() == y.max():
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            prec, rec, _ = precision_recall_curve(y, s)
+            ax_roc.plot(fpr, tpr, label=method)
+            ax_pr.plot(rec, prec, label=method)
+        ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+        ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC")
+        ax_pr.set(xlabel="recall", ylabel="precision", title=f"{task}: PR (pooled out-of-fold)")
+        ax_roc.legend(fontsize=8)
+        fig.tight_layout()
+        path = fig_dir / f"curves_{task}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def plot_training(csv_path: Path, fig_dir: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "step" not in rows[0]:
+        return None
+    step = np.array([float(r["step"]) for r in rows])
+    wanted = [c for c in rows[0] if c.endswith("loss")] + [
+        c for c in ("lr", "teacher_temp", "momentum", "grad_norm") if c in rows[0]
+    ]
+    if not wanted:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for c in wanted:
+        vals = np.array([float(r[c]) if r[c] not in ("", "nan") else np.nan for r in rows])
+        ax = axes[0] if c.endswith("loss") else axes[1]
+        ax.plot(
+            step, vals if ax is axes[0] else vals / max(np.nanmax(np.abs(vals)), 1e-12), label=c
+        )
+    axes[0].set(xlabel="step", title="pretraining losses")
+    axes[1].set(xlabel="step", title="schedules (each scaled to its max)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = fig_dir / "training_curves.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def slide_maps(encoder_path, manifest_path, fig_dir: Path, n: int, max_tiles: int) -> list[dict]:
+    from slidessl import load_encoder
+    from slidessl.data.dataset import SlideDataset
+    from slidessl.eval.maps import save_slide_maps
+
+    encoder = load_encoder(encoder_path)
+    ds = SlideDataset(manifest_path, max_tiles=max_tiles, on_bad_slide="skip")
+    picks = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))
+    out = []
+    for i in picks:
+        item = ds[int(i)]
+        if item is not None:
+            out.append(save_slide_maps(encoder, item, fig_dir / f"map_{item['slide_id']}.png"))
+    return out
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | task | n | AUROC (mean ± std over folds) | 95% CI | AUPRC | 95% CI |",
+        "| --- | --- | ---: | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["task"], -_num(r["auroc_mean"]))):
+        ci = [r.get("auroc_ci") or [None, None], r.get("auprc_ci") or [None, None]]
+        cis = [f"[{_num(a):.3f}, {_num(b):.3f}]" for a, b in ci]
+        lines.append(
+            f"| {r['method']} | {r['task']} | {r['n_slides']} | "
+            f"{_cell(r['auroc_mean'], r['auroc_std'])} | {cis[0]} | "
+            f"{_cell(r['auprc_mean'], r['auprc_std'])} | {cis[1]} |"
+        )
+    return lines
+
+
+def _clean(x):
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles: int = 4096):
+    """Write ``report.md`` / ``report.json`` / figures for ``run_dir``; returns report.md."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    rows, pred_files = collect_results(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}: no metrics.json from `slidessl probe` or `abmil` inside")
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    curves = plot_curves(pred_files, fig_dir)
+    csvs = sorted(run_dir.rglob("metrics.csv"))
+    training = plot_training(csvs[0], fig_dir) if csvs else None
+    encoder = encoder or meta.get("encoder")
+    manifest = manifest or meta.get("manifest")
+    maps = slide_maps(encoder, manifest, fig_dir, n_maps, max_tiles) if encoder and manifest else []
+    retrieval = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("retrieval.json"))]
+    focus = meta.get("focus")
+    verdict = verdicts(rows, focus)
+    md = [f"# slidessl evaluation report: `{run_dir}`", ""]
+    if meta.get("description"):
+        md += [meta["description"], ""]
+    md += ["## Comparison (same patient-grouped folds for every method)", "", *_table(rows), ""]
+    if verdict:
+        md += [f"## Does `{focus}` beat the baselines?", "", *[f"- {v}" for v in verdict], ""]
+    if retrieval:
+        md += [
+            "## Leave-one-patient-out retrieval (cosine)",
+            "",
+            "| method | label | top-1 | top-3 | top-5 | majority@5 | mAP@5 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in retrieval:
+            md.append(
+                f"| {r['method']} | {r['label']} | {r['top1_acc']:.3f} | "
+                f"{r['top3_acc']:.3f} | {r['top5_acc']:.3f} | {r['majority5_acc']:.3f} | "
+                f"{_num(r['map@5']):.3f} |"
+            )
+        md.append("")
+    figs = [*curves, *([training] if training else []), *[m["path"] for m in maps]]
+    if figs:
+        md += ["## Figures", ""]
+        md += [f"![{Path(f).stem}](figures/{Path(f).name})" for f in figs]
+        md.append("")
+    if meta.get("timings"):
+        md += [
+            "## Timings (s)",
+            "",
+            ", ".join(f"{k} {v:.1f}" for k, v in meta["timings"].items()),
+            "",
+        ]
+    report = {
+        "run_dir": str(run_dir),
+        "results": rows,
+        "verdict": verdict,
+        "retrieval": retrieval,
+        "figures": figs,
+        "slide_maps": maps,
+        "meta": meta,
+    }
+    (run_dir / "report.json").write_text(json.dumps(_clean(report), indent=1))
+    path = run_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
