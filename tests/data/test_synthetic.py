@@ -23,10 +23,15 @@ def _types(manifest, row):
         return f["tissue_type"][()]
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """120 small slides: enough for label statistics, about two seconds to write."""
-    seed = int(np.random.default_rng().integers(1 << 20))
+@pytest.fixture(scope="module", params=[11, 2024])
+def cohort(request, tmp_path_factory):
+    """120 small slides: enough for label statistics, about two seconds to write.
+
+    The label statistics below are properties of a finite sample (AUROC on 120 slides), so
+    they are checked on fixed cohort seeds: a random seed made them fail about once in
+    ten runs, which CI must not see. Determinism itself is tested on fresh seeds above.
+    """
+    seed = int(request.param)
     out = tmp_path_factory.mktemp("cohort")
     return make_cohort(out, 120, seed=seed, dim=16, min_tiles=250, max_tiles=600), seed
 
