@@ -81,10 +81,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _manifest(path):
+def _manifest(path, check_files: bool = True):
     from slidessl.data.manifest import load_manifest
 
-    return load_manifest(path)
+    return load_manifest(path, check_files=check_files)
 
 
 def cmd_embed(args) -> int:
@@ -113,7 +113,7 @@ def cmd_probe(args) -> int:
     from slidessl.eval.tasks import build_tasks
 
     Cs = [float(c) for c in args.Cs.split(",") if c.strip()]
-    manifest = _manifest(args.manifest)
+    manifest = _manifest(args.manifest, check_files=False)  # labels only
     tasks = build_tasks(manifest, args.task)
     ids, X, attrs = read_embeddings(args.embeddings)
     folds = args.folds or str(Path(args.out) / "folds.json")
@@ -174,7 +174,7 @@ def cmd_retrieve(args) -> int:
 
     res = run_retrieval(
         read_embeddings(args.embeddings),
-        _manifest(args.manifest),
+        _manifest(args.manifest, check_files=False),
         args.label,
         args.out,
         method=Path(args.embeddings).stem,

@@ -83,6 +83,16 @@ def build_embedder(spec: str, in_dim: int, seed: int = 0):
     return load_encoder(spec).eval(), str(Path(spec).resolve())
 
 
+def _spec_key(spec: str) -> str:
+    """The encoder spec with paths resolved: what a resumed run must match."""
+    if spec == "meanpool" or spec == "random" or spec.startswith("random:"):
+        arg = spec.partition(":")[2]
+        return f"random:{Path(arg).resolve()}" if arg and Path(arg).exists() else spec
+    if spec.startswith("gigapath:"):
+        return f"gigapath:{Path(spec.partition(':')[2]).resolve()}"
+    return str(Path(spec).resolve())
+
+
 def pad_batch(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slide dicts -> features (B, N, D), grid (B, N, 2), padding_mask (B, N) True = pad."""
     n = max(len(it["features"]) for it in items)
@@ -151,10 +161,17 @@ def run_embed(
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     out = Path(out)
+    spec_key = _spec_key(encoder_spec)
     done: set[str] = set()
     if out.exists():
         ids, _, attrs = read_embeddings(out)
         done = set(ids)
+        for key, want in (("spec", spec_key), ("pooling", pooling)):
+            if str(attrs.get(key)) != want:
+                raise ValueError(
+                    f"{out}: holds embeddings with {key}={attrs.get(key)!r}, not {want!r}; "
+                    "write to a new file"
+                )
     todo = [e for e in manifest.entries if e.slide_id not in done]
     summary = {"out": str(out), "skipped_existing": len(done), "written": 0, "bad_slides": []}
     if not todo:
@@ -167,16 +184,10 @@ def run_embed(
     encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
     attrs_new = {
         "encoder": desc,
-        "pooling": "mean-of-tiles" if encoder is None else pooling,
+        "spec": spec_key,
+        "pooling": pooling,
         "max_tiles": -1 if max_tiles is None else int(max_tiles),
     }
-    if done:
-        for key in ("encoder", "pooling"):
-            if str(attrs.get(key)) != str(attrs_new[key]):
-                raise ValueError(
-                    f"{out}: holds embeddings with {key}={attrs.get(key)!r}, not "
-                    f"{attrs_new[key]!r}; write to a new file"
-                )
     # Similar lengths in a batch waste less padding; order does not change the vectors.
     order = np.argsort(ds.num_tiles, kind="stable")
     with EmbeddingWriter(out, attrs_new) as writer:

@@ -1,0 +1,90 @@
+"""Time ``slidessl probe`` on 1,000 slides x 768-d x 5 binary tasks x 10 folds.
+
+Target (issue 5): <= 30 s on 2 CPU cores. Prints the wall time of the whole command (a
+fresh process: imports, reading the manifest and the embeddings, folds, inner-CV C choice,
+refits, bootstrap CIs, writing) and its ratio to the target, plus the probe's AUROC on
+the planted signals as a sanity check.
+
+    .venv/bin/python benchmarks/bench_probe.py [--slides 1000 --dim 768 --tasks 5 --k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_S = 30.0
+
+
+def make_inputs(root: Path, n: int, d: int, n_tasks: int, seed: int = 0) -> tuple[Path, Path]:
+    from slidessl.eval.embed_io import EmbeddingWriter
+
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, 32))
+    X = latent @ rng.standard_normal((32, d)) + rng.standard_normal((n, d))
+    patients = [f"p{i}" for i in rng.integers(0, int(n * 0.7), n)]
+    cols = [f"gene{t}" for t in range(n_tasks)]
+    with EmbeddingWriter(root / "emb.h5", {"encoder": "bench", "pooling": "cls"}) as w:
+        w.write([f"s{i}" for i in range(n)], X)
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["slide_id", "path", "patient_id", *cols])
+        for i in range(n):
+            labels = [int(latent[i, t] + 1.5 * rng.standard_normal() > 0.8) for t in range(n_tasks)]
+            out.writerow([f"s{i}", f"slides/s{i}.h5", patients[i], *labels])
+    return root / "emb.h5", root / "manifest.csv"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slides", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--tasks", type=int, default=5)
+    ap.add_argument("--k", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        emb, manifest = make_inputs(root, args.slides, args.dim, args.tasks)
+        tasks = ",".join(f"gene{t}" for t in range(args.tasks))
+        cmd = [
+            sys.executable,
+            "-m",
+            "slidessl",
+            "probe",
+            str(emb),
+            str(manifest),
+            "--task",
+            tasks,
+            "--k",
+            str(args.k),
+            "--out",
+            str(root / "out"),
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        doc = json.loads((root / "out" / "metrics.json").read_text())
+    aucs = [t["auroc_mean"] for t in doc["tasks"].values()]
+    print(
+        f"slidessl probe: {args.slides} slides x {args.dim}-d x {args.tasks} tasks x "
+        f"{args.k} folds (C by 3-fold inner CV, 1000 bootstrap resamples)"
+    )
+    print(f"wall time          {wall:8.2f} s")
+    print(f"target             {TARGET_S:8.2f} s")
+    print(
+        f"time / target      {wall / TARGET_S:8.2f}  ({'within' if wall <= TARGET_S else 'OVER'})"
+    )
+    print(f"AUROC planted tasks {np.mean(aucs):.3f} (mean over tasks; sanity, not a target)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

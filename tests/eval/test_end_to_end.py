@@ -1,0 +1,130 @@
+"""CLI end to end on a tiny synthetic cohort: embed (meanpool, random) -> probe -> abmil ->
+retrieve -> report, multi-label task included."""
+
+import json
+
+import numpy as np
+import pytest
+
+from slidessl.cli import main
+from slidessl.data.synthetic import make_cohort
+from slidessl.eval.embed_io import read_embeddings
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    return make_cohort(root, 40, seed=3, dim=16, min_tiles=40, max_tiles=120)
+
+
+def test_embed_probe_multilabel_retrieve_report(cohort, tmp_path, capsys):
+    emb = tmp_path / "meanpool.h5"
+    assert main(["embed", "meanpool", str(cohort), "--out", str(emb)]) == 0
+    ids, X, attrs = read_embeddings(emb)
+    assert len(ids) == 40 and X.shape == (40, 16) and attrs["encoder"] == "meanpool"
+    # resumable: a second run writes nothing new and keeps the vectors
+    assert main(["embed", "meanpool", str(cohort), "--out", str(emb)]) == 0
+    assert "embedded 0 slides (40 already there)" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_embeddings(emb)[1], X)
+
+    folds = tmp_path / "folds.json"
+    task = "tumor_high,mut=EGFR+FAT1+KRAS+LRP1B+TP53"
+    args = [
+        "probe",
+        str(emb),
+        str(cohort),
+        "--task",
+        task,
+        "--folds",
+        str(folds),
+        "--k",
+        "4",
+        "--bootstrap",
+        "100",
+        "--out",
+        str(tmp_path / "probe"),
+    ]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "mut" in table and "(micro)" in table
+    doc = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    mut = doc["tasks"]["mut"]
+    assert mut["kind"] == "multilabel" and len(mut["per_class_pooled"]["auroc"]) == 5
+    assert 0 <= mut["auroc_micro_mean"] <= 1 and len(mut["per_fold"]) == 4
+    assert doc["tasks"]["tumor_high"]["auroc_mean"] > 0.6  # composition: mean pooling sees it
+
+    assert (
+        main(
+            [
+                "abmil",
+                str(cohort),
+                "--task",
+                "tumor_high",
+                "--folds",
+                str(folds),
+                "--epochs",
+                "2",
+                "--train-tiles",
+                "32",
+                "--bootstrap",
+                "50",
+                "--out",
+                str(tmp_path / "abmil"),
+            ]
+        )
+        == 0
+    )
+    ab = json.loads((tmp_path / "abmil" / "metrics.json").read_text())
+    pr = np.load(tmp_path / "probe" / "predictions.npz")
+    abp = np.load(tmp_path / "abmil" / "predictions.npz")
+    # same folds for both methods
+    np.testing.assert_array_equal(pr["tumor_high/fold"], abp["tumor_high/fold"])
+    assert ab["tasks"]["tumor_high"]["n_slides"] == 40
+
+    assert (
+        main(
+            [
+                "retrieve",
+                str(emb),
+                str(cohort),
+                "--label",
+                "subtype",
+                "--out",
+                str(tmp_path / "retr"),
+            ]
+        )
+        == 0
+    )
+    r = json.loads((tmp_path / "retr" / "retrieval.json").read_text())
+    assert 0 <= r["top1_acc"] <= r["top3_acc"] <= r["top5_acc"] <= 1
+
+    assert main(["report", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    got = {(row["method"], row["task"]) for row in rep["results"]}
+    assert {("meanpool", "tumor_high"), ("meanpool", "mut"), ("abmil", "tumor_high")} <= got
+    assert (tmp_path / "figures" / "curves_mut.png").stat().st_size > 1000
+    assert "| meanpool | tumor_high |" in (tmp_path / "report.md").read_text()
+
+
+def test_random_encoder_embedding_is_deterministic_and_batch_invariant(cohort, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert main(["embed", "random:tiny", str(cohort), "--out", str(a), "--batch-size", "1"]) == 0
+    assert main(["embed", "random:tiny", str(cohort), "--out", str(b), "--batch-size", "5"]) == 0
+    ia, xa, _ = read_embeddings(a)
+    ib, xb, _ = read_embeddings(b)
+    assert ia == ib and xa.shape[1] == 64
+    np.testing.assert_allclose(xa, xb, atol=1e-4)
+    assert np.abs(xa - xa.mean(0)).max() > 1e-3  # not a constant vector
+
+
+def test_bad_inputs_name_the_file(cohort, tmp_path):
+    emb = tmp_path / "x.h5"
+    with pytest.raises(ValueError, match="no such encoder"):
+        main(["embed", str(tmp_path / "missing"), str(cohort), "--out", str(emb)])
+    with pytest.raises(ValueError, match="embeddings file does not exist"):
+        main(["probe", str(emb), str(cohort), "--task", "tumor_high", "--out", str(tmp_path)])
+    main(["embed", "meanpool", str(cohort), "--out", str(emb)])
+    with pytest.raises(ValueError, match="x.h5: holds embeddings with spec=.meanpool."):
+        main(["embed", "random:tiny", str(cohort), "--out", str(emb)])
+    with pytest.raises(ValueError, match="no label column"):
+        main(["probe", str(emb), str(cohort), "--task", "nope", "--out", str(tmp_path)])
