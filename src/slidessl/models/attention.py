@@ -91,46 +91,48 @@ def dense_attention(q, k, v, padding_mask=None):
     return out
 
 
-def _gather(x, index):
-    """``x`` (B, N, H, D), ``index`` (M, H) -> (B, M, H, D)."""
-    b, _, h, d = x.shape
-    idx = index[None, :, :, None].expand(b, -1, h, d)
-    return torch.gather(x, 1, idx)
-
-
 def _branch(q, k, v, padding_mask, segment, dilation, exact_grad):
-    """One LongNet branch: returns sparse ``out`` (B, M, H, D), ``lse`` (B, M, H), index."""
+    """One LongNet branch.
+
+    Returns ``(kind, out, lse, aux)``. ``kind == "view"`` (r = 1, whole segments): ``out``
+    is (B, S, H, w, D) and ``lse`` (B, S, H, w), both a free view of the sequence. ``kind
+    == "gather"``: ``out`` is (B, H, M, D), ``lse`` (B, H, M) in sparse order and ``aux``
+    the (H, M) position index. Invalid sparse slots and padded queries have ``lse = -inf``.
+    """
     b, n, h, d = q.shape
     w = min(segment, n)
     if dilation == 1 and n % w == 0:
-        # contiguous segments: a free view, no gather
-        n_seg, seg_len = n // w, w
-        index = None
-        qs, ks, vs = (t.view(b, n_seg, w, h, d) for t in (q, k, v))
-        key_valid = None if padding_mask is None else (~padding_mask).view(b, n_seg, w, 1)
-        key_valid = None if key_valid is None else key_valid.expand(b, n_seg, w, h)
-    else:
-        index, valid, all_valid, n_seg, seg_len = branch_index(n, h, segment, dilation, q.device)
-        qs, ks, vs = (_gather(t, index).view(b, n_seg, seg_len, h, d) for t in (q, k, v))
-        key_valid = valid.view(1, n_seg, seg_len, h).expand(b, -1, -1, -1)
+        n_seg = n // w
+        # (B, N, H, D) -> (B*S, H, w, D): a strided view, no copy
+        qs, ks, vs = (
+            t.view(b, n_seg, w, h, d).transpose(2, 3).reshape(b * n_seg, h, w, d) for t in (q, k, v)
+        )
+        mask = None
         if padding_mask is not None:
-            pm = torch.gather(padding_mask, 1, index.reshape(1, -1).expand(b, -1))
-            key_valid = key_valid & ~pm.view(b, n_seg, seg_len, h)
-        if all_valid and padding_mask is None:
-            key_valid = None
-    # (B, S, L, H, D) -> (B*S, H, L, D)
-    to4 = lambda t: t.transpose(2, 3).reshape(b * n_seg, h, seg_len, d)  # noqa: E731
-    mask4 = None
+            mask = (~padding_mask).view(b * n_seg, 1, 1, w)
+        out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
+        out, lse = out.reshape(b, n_seg, h, w, d), lse.reshape(b, n_seg, h, w)
+        if mask is not None:
+            lse = lse.masked_fill(padding_mask.view(b, n_seg, 1, w), float("-inf"))
+        return "view", out, lse, None
+    index, valid, all_valid, n_seg, seg_len = branch_index(n, h, segment, dilation, q.device)
+    index_hm, valid_hm = index.T.contiguous(), valid.T.contiguous()  # (H, M)
+    m = index_hm.shape[1]
+    heads = torch.arange(h, device=q.device)[:, None]
+    # gather straight into (B, H, S*L, D) = (B, H*S, L, D): heads and segments are batch dims
+    qs, ks, vs = (t[:, index_hm, heads].view(b, h * n_seg, seg_len, d) for t in (q, k, v))
+    key_valid = None
+    if padding_mask is not None:
+        pm = torch.gather(padding_mask, 1, index_hm.reshape(1, -1).expand(b, -1))
+        key_valid = valid_hm[None] & ~pm.view(b, h, m)
+    elif not all_valid:
+        key_valid = valid_hm[None].expand(b, h, m)
+    mask = None if key_valid is None else key_valid.reshape(b, h * n_seg, 1, seg_len)
+    out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
+    out, lse = out.reshape(b, h, m, d), lse.reshape(b, h, m)
     if key_valid is not None:
-        mask4 = key_valid.transpose(2, 3).reshape(b * n_seg, h, 1, seg_len)
-    out, lse = attention_with_lse(to4(qs), to4(ks), to4(vs), mask4, exact_grad=exact_grad)
-    out = out.view(b, n_seg, h, seg_len, d).transpose(2, 3).reshape(b, n_seg * seg_len, h, d)
-    lse = lse.view(b, n_seg, h, seg_len).transpose(2, 3).reshape(b, n_seg * seg_len, h)
-    if key_valid is not None:
-        # a query whose key set is empty (a padded query) gets no weight
-        q_valid = key_valid.reshape(b, n_seg * seg_len, h)
-        lse = lse.masked_fill(~q_valid, float("-inf"))
-    return out, lse, index
+        lse = lse.masked_fill(~key_valid, float("-inf"))
+    return "gather", out, lse, index_hm
 
 
 def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
@@ -146,27 +148,34 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
         return dense_attention(q, k, v, padding_mask)
     parts = [_branch(q, k, v, padding_mask, s, r, exact_grad) for s, r in zip(segments, dilations)]
-    # per position and head: log of the summed softmax denominators over branches
+    # per position and head: log of the summed softmax denominators over branches, (B, H, N)
     dense_lse = []
-    for _out, lse, index in parts:
-        if index is None:
-            dense_lse.append(lse)
+    for kind, _out, lse, index_hm in parts:
+        if kind == "view":
+            dense_lse.append(lse.transpose(1, 2).reshape(b, h, n))
         else:
-            full = lse.new_full((b, n + 1, h), float("-inf"))
-            idx = torch.where(lse.isfinite(), index[None].expand(b, -1, -1), n)
-            dense_lse.append(full.scatter(1, idx, lse)[:, :n])
+            target = torch.where(lse.isfinite(), index_hm[None].expand(b, -1, -1), n)
+            full = lse.new_full((b, h, n + 1), float("-inf"))
+            dense_lse.append(full.scatter(2, target, lse)[..., :n])
     log_z = torch.logsumexp(torch.stack(dense_lse), dim=0)
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
     result = None
-    for (out, lse, index), lse_dense in zip(parts, dense_lse):
-        if index is None:
-            term = out * torch.exp(lse_dense - log_z).unsqueeze(-1).to(out.dtype)
-        else:
-            weight = torch.exp(lse - torch.gather(log_z, 1, index[None].expand(b, -1, -1)))
-            term_sparse = out * weight.unsqueeze(-1).to(out.dtype)
-            idx = index[None, :, :, None].expand(b, -1, h, d)
-            term = out.new_zeros((b, n, h, d)).scatter_add(1, idx, term_sparse)
-        result = term if result is None else result + term
+    for kind, out, lse, _index in parts:
+        if kind == "view":
+            n_seg, w = out.shape[1], out.shape[3]
+            z = log_z.view(b, h, n_seg, w).transpose(1, 2)
+            term = (out * torch.exp(lse - z).unsqueeze(-1).to(out.dtype)).transpose(2, 3)
+            term = term.reshape(b, n, h, d)
+            result = term if result is None else result + term
+    if result is None:
+        result = q.new_zeros((b, n, h, d))
+    for kind, out, lse, index_hm in parts:
+        if kind == "gather":
+            weight = torch.exp(lse - torch.gather(log_z, 2, index_hm[None].expand(b, -1, -1)))
+            term = out * weight.unsqueeze(-1).to(out.dtype)
+            rows = torch.arange(b, device=q.device)[:, None, None]
+            heads = torch.arange(h, device=q.device)[None, :, None]
+            result = result.index_put((rows, index_hm[None], heads), term, accumulate=True)
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
     return result
