@@ -35,6 +35,7 @@ def register(subparsers) -> None:
         default=60.0,
         help="skip dense when its estimated time exceeds this many seconds",
     )
+    att.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     att.set_defaults(func=_attention)
 
     enc = sub.add_parser("encoder", help="forward+backward throughput, utilisation, memory")
@@ -54,12 +55,15 @@ def register(subparsers) -> None:
         action="store_true",
         help="treat branch LSE weights as constants in backward (as torchscale)",
     )
+    enc.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     enc.set_defaults(func=_encoder)
 
 
 def _device_dtype(args):
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda requested but CUDA is not available")
