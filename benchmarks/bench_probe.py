@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,8 @@ def main() -> int:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = usage.ru_utime + usage.ru_stime
         doc = json.loads((root / "out" / "metrics.json").read_text())
     aucs = [t["auroc_mean"] for t in doc["tasks"].values()]
     print(
@@ -81,6 +85,12 @@ def main() -> int:
     print(f"target             {TARGET_S:8.2f} s")
     print(
         f"time / target      {wall / TARGET_S:8.2f}  ({'within' if wall <= TARGET_S else 'OVER'})"
+    )
+    print(f"CPU time           {cpu:8.2f} s  (/2 cores = {cpu / 2:.2f} s; load-independent)")
+    load = os.getloadavg()[0]
+    print(
+        f"load average (1 min) {load:.2f} on {os.cpu_count()} cores: wall time is inflated "
+        "when the machine is shared"
     )
     print(f"AUROC planted tasks {np.mean(aucs):.3f} (mean over tasks; sanity, not a target)")
     return 0
