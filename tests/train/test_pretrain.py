@@ -106,7 +106,8 @@ def test_bad_slide_is_skipped_and_counted(tiny_cfg, cohort, tmp_path):
     victim.write_bytes(b"this is not an HDF5 file")
     cfg = _cfg(tiny_cfg, "dino", root / "manifest.csv", tmp_path / "run", "train.max_steps=1",
                "train.batch_size=2", "data.on_bad_slide=skip")
-    out = pretrain(cfg)
+    with pytest.warns(UserWarning, match="skipping slide"):
+        out = pretrain(cfg)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_bad_slides"] == 1
     assert victim.stem in summary["skipped_slides"][0]["slide_id"]

@@ -60,7 +60,10 @@ class CropDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s crops and (for capped slides) ``epoch``'s tile subsample."""
         self.epoch = int(epoch)
+        if hasattr(self.slides, "set_epoch"):
+            self.slides.set_epoch(self.epoch)
 
     def __len__(self) -> int:
         return len(self.slides)

@@ -175,6 +175,8 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 t0 = time.perf_counter()
                 micro_batches = [b for b in (next(batches) for _ in range(accum)) if b is not None]
                 t_data = time.perf_counter() - t0
+                # slides whose features failed to read in a worker (on_bad_slide=skip)
+                stats.skipped_reads += micro * accum - sum(b["batch_size"] for b in micro_batches)
                 if not micro_batches:
                     raise RuntimeError(f"step {step}: every slide of the batch was skipped as bad")
                 sched = schedules.at(step)

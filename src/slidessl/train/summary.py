@@ -21,6 +21,7 @@ class RunStats:
         self.step_time = 0.0
         self.slides = 0.0
         self.last_monitors: dict[str, float] = {}
+        self.skipped_reads = 0
 
     def add(self, res: dict, data_time: float, step_time: float) -> None:
         self.losses.append(float(res.get("loss", float("nan"))))
@@ -39,6 +40,7 @@ class RunStats:
             "step_time": self.step_time,
             "slides": self.slides,
             "last_monitors": dict(self.last_monitors),
+            "skipped_reads": self.skipped_reads,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -47,6 +49,7 @@ class RunStats:
         self.data_time, self.step_time = state["data_time"], state["step_time"]
         self.slides = state["slides"]
         self.last_monitors = dict(state.get("last_monitors", {}))
+        self.skipped_reads = int(state.get("skipped_reads", 0))
 
 
 def full_state_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -101,6 +104,7 @@ def write_summary(
         "collapse_thresholds": dict(monitor.thresholds),
         "nan_steps": guard.count,
         "skipped_bad_slides": len(skipped),
+        "skipped_reads": stats.skipped_reads,
         "skipped_slides": [{"slide_id": str(s[0]), "reason": str(s[1])} for s in skipped],
         "train_time_s": stats.step_time,
         "data_wait_frac": stats.data_time / stats.step_time if stats.step_time else None,
@@ -120,7 +124,8 @@ def write_summary(
         f"(mean of first/last 10%: {summary['loss_first_10pct_mean']:.4f} -> "
         f"{summary['loss_last_10pct_mean']:.4f})\n"
         f"  monitors: {mons or 'n/a'}; collapse warnings: {warned or 'none'}\n"
-        f"  non-finite steps skipped: {guard.count}; bad slides skipped: {len(skipped)}\n"
+        f"  non-finite steps skipped: {guard.count}; bad slides skipped: {len(skipped)} "
+        f"(+{stats.skipped_reads} failed reads)\n"
         f"  teacher: {out / 'teacher'}  summary: {out / 'summary.json'}"
     )
     return summary
