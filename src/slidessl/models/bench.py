@@ -72,7 +72,7 @@ def bench_attention(
     }
     rows, dense_est = [], None
     header = (
-        f"{'N':>7} {'dense s':>9} {'gp s':>8} {'ours s':>8} {'dense/gp':>9} "
+        f"{'N':>7} {'dense ms':>10} {'gp ms':>9} {'ours ms':>9} {'dense/gp':>9} "
         f"{'dense/ours':>10} {'dense %pk':>9} {'gp %pk':>7} {'ours %pk':>8}"
     )
     out(header)
@@ -120,8 +120,8 @@ def _attention_line(r):
     dense = r["dense_s"] if r["dense_s"] is not None else r.get("dense_skipped_est_s")
     mark = "" if r["dense_s"] is not None else "~"
     return (
-        f"{r['n']:>7} {mark + _fmt(dense, '.3f'):>9} {r['gigapath_s']:>8.3f} "
-        f"{r['default_s']:>8.3f} {mark + _fmt(dense / r['gigapath_s'], '.2f'):>9} "
+        f"{r['n']:>7} {mark + _fmt(1e3 * dense, '.1f'):>10} {1e3 * r['gigapath_s']:>9.1f} "
+        f"{1e3 * r['default_s']:>9.1f} {mark + _fmt(dense / r['gigapath_s'], '.2f'):>9} "
         f"{mark + _fmt(dense / r['default_s'], '.2f'):>10} "
         f"{_fmt(r['dense_frac'] and 100 * r['dense_frac'], '.0f'):>9} "
         f"{100 * r['gigapath_frac']:>7.0f} {100 * r['default_frac']:>8.0f}"
