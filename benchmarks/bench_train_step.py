@@ -6,11 +6,13 @@ of up to 8,192 tiles (plus local crops), fed by the real pipeline: ``SlideDatase
 1,536-d tile features. The target is a data-wait share <= 10%: the model never waits on
 disk or crop sampling.
 
-On a CPU the full 12-layer encoder at 8k tokens takes minutes per step, so ``--depth``
-(default 1 on CPU, 12 on GPU) shrinks it; the script prints what it used.
+On a CPU the full 12-layer encoder at 8k tokens takes minutes per step, so the CPU defaults
+shrink it (depth 1, 2,048-tile global and 256-tile local crops); the script prints what it
+used. On a GPU the defaults are the real thing (depth 12, 8,192 tiles, bf16).
 
-    python benchmarks/bench_train_step.py                 # CPU: quick, depth 1
-    python benchmarks/bench_train_step.py --depth 12      # GPU: the real encoder
+    python benchmarks/bench_train_step.py                       # CPU: a couple of minutes
+    python benchmarks/bench_train_step.py --global-tiles 8192   # CPU, full-size crops (slow)
+    python benchmarks/bench_train_step.py                       # GPU: gigapath, 8k tiles
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=12 if gpu else 1, help="encoder blocks")
-    p.add_argument("--global-tiles", type=int, default=8192, help="global crop cap")
-    p.add_argument("--local-tiles", type=int, default=1024, help="local crop cap")
-    p.add_argument("--n-local", type=int, default=4 if not gpu else 8)
+    p.add_argument("--global-tiles", type=int, default=8192 if gpu else 2048)
+    p.add_argument("--local-tiles", type=int, default=1024 if gpu else 256)
+    p.add_argument("--n-local", type=int, default=8 if gpu else 2)
     p.add_argument("--batch", type=int, default=1, help="slides per step")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5 if gpu else 2,
+                   help="timed steps (after one warm-up)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--slides", type=int, default=0, help="cohort size (default: enough)")
     p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
