@@ -4,8 +4,8 @@ Same outer folds (from the folds file) and the same statistics as the linear pro
 outer fold, one patient-grouped stratified fifth of the training slides is held out for
 early stopping (AdamW; the weights of the epoch with the lowest validation loss are kept).
 On CPU it stays fast by sampling at most ``train_tiles`` tiles per slide per epoch and
-batching slides with padding masks; validation and test use every loaded tile (or a fixed
-seeded subsample of ``eval_tiles``).
+batching slides with padding masks; validation and test use every loaded tile (or fixed
+seeded subsamples of ``val_tiles`` / ``eval_tiles``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class ABMILConfig:
     patience: int = 4
     batch_size: int = 8
     train_tiles: int = 2048
-    eval_tiles: int | None = None  # tiles per slide at validation / test (None: all loaded)
+    val_tiles: int | None = None  # tiles per slide for early stopping (None: all loaded)
+    eval_tiles: int | None = None  # tiles per slide at test (None: all loaded)
     val_fraction_folds: int = 5  # inner split: 1 of this many patient-grouped folds
     proj_dim: int = 512
     attn_dim: int = 256
@@ -121,7 +122,7 @@ def train_fold(
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
-        z, _ = _predict(model, feats, val, task.kind, cfg.batch_size, cfg.eval_tiles)
+        z, _ = _predict(model, feats, val, task.kind, cfg.batch_size, cfg.val_tiles)
         val_loss = float(_loss(task.kind, z, target[val])) / max(len(val), 1)
         history.append({"epoch": epoch, "train_loss": total / len(fit), "val_loss": val_loss})
         if val_loss < best - 1e-6:

@@ -77,6 +77,7 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=5, help="folds (5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="demo", help="pretraining recipe (demo)")
+    p.add_argument("--encoder", help="evaluate this teacher export instead of pretraining")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     p.set_defaults(func=cmd_demo)
 

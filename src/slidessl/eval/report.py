@@ -70,19 +70,27 @@ def verdicts(rows: list[dict], focus: str | None) -> list[str]:
         best_m, best = max(others.items(), key=lambda kv: kv[1]["auroc_mean"])
         diff = me["auroc_mean"] - best["auroc_mean"]
         spread = max(_num(me["auroc_std"]), _num(best["auroc_std"]))
-        if diff > 0:
-            clear = "by more than" if diff > spread else "but by less than"
+        ci = me.get("auroc_ci") or [None, None]
+        chance = ""
+        if ci[0] is not None and ci[0] <= 0.5 <= ci[1]:
+            chance = f" Its AUROC 95% CI [{ci[0]:.3f}, {ci[1]:.3f}] contains 0.5 (chance)."
+        nums = (
+            f"AUROC {me['auroc_mean']:.3f} ± {_num(me['auroc_std']):.3f} vs best baseline "
+            f"{best_m} {best['auroc_mean']:.3f} ± {_num(best['auroc_std']):.3f} ({diff:+.3f})"
+        )
+        if diff > spread and not chance:
             out.append(
-                f"`{task}`: **{focus} beats every baseline** (AUROC {me['auroc_mean']:.3f} vs "
-                f"best baseline {best_m} {best['auroc_mean']:.3f}; +{diff:.3f}, {clear} one "
-                f"fold std {spread:.3f})."
+                f"`{task}`: **{focus} beats every baseline**: {nums}, by more than one "
+                f"fold std ({spread:.3f})."
+            )
+        elif diff > 0:
+            within = f", within one fold std ({spread:.3f})" if diff <= spread else ""
+            out.append(
+                f"`{task}`: **{focus} does not clearly beat the baselines**: "
+                f"{nums}{within}.{chance}"
             )
         else:
-            out.append(
-                f"`{task}`: **{focus} does NOT beat the baselines**: AUROC "
-                f"{me['auroc_mean']:.3f} ± {_num(me['auroc_std']):.3f} vs {best_m} "
-                f"{best['auroc_mean']:.3f} ± {_num(best['auroc_std']):.3f} ({diff:+.3f})."
-            )
+            out.append(f"`{task}`: **{focus} does NOT beat the baselines**: {nums}.{chance}")
     return out
 
 
