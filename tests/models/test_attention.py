@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from slidessl.models import attention as attention_mod
 from slidessl.models import lse as lse_mod
 from slidessl.models.attention import dense_attention, dilated_attention
 from slidessl.models.reference import reference_branch, reference_dilated_attention
@@ -16,9 +17,12 @@ def _pad_mask(lengths, n):
     return torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]
 
 
-@pytest.fixture(params=["auto", "manual"])
-def backend(request):
-    lse_mod.set_backend(request.param)
+@pytest.fixture(params=["fused", "manual", "bias"])
+def backend(request, monkeypatch):
+    """Every exact path: per-branch fused LSE kernels, explicit matmuls, one biased SDPA."""
+    small = attention_mod.SMALL_N_BIAS_ELEMENTS if request.param == "bias" else 0
+    monkeypatch.setattr(attention_mod, "SMALL_N_BIAS_ELEMENTS", small)
+    lse_mod.set_backend("manual" if request.param == "manual" else "auto")
     yield request.param
     lse_mod.set_backend("auto")
 
@@ -87,6 +91,16 @@ def test_gradients_match_reference(backend):
     got = torch.autograd.grad((dilated_attention(q, k, v, segs, dils, pm) * g).sum(), (q, k, v))
     for a, e in zip(got, ref):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-9)
+
+
+def test_multiplicity_bias_counts_branches():
+    bias, covered = attention_mod.multiplicity_bias(12, 4, [4, 12], [1, 2], "cpu", torch.float64)
+    # head 0 (group 0 of r=2): positions 0 and 2 share segment 0 of branch 1 and the whole
+    # sequence's even offsets in branch 2 -> seen twice
+    assert bias[0, 0, 2].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert bias[0, 0, 4].item() == 0.0  # only branch 2 (different r=1 segment)
+    assert bias[0, 1, 5].item() < -1e3  # odd offsets: head 0 sees them in no branch together
+    assert covered.all()
 
 
 def test_inexact_grad_differs_only_in_backward():

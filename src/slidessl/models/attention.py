@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 _INDEX_CACHE: dict = {}
+_BIAS_CACHE: dict = {}
+# below this many (batch x heads x N x N) mask elements, dilated attention runs as ONE fused
+# SDPA call with a multiplicity bias (exact, see `multiplicity_bias`): far fewer kernels
+SMALL_N_BIAS_ELEMENTS = 2**24
 
 
 def validate_branches(segments, dilations) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -75,6 +79,50 @@ def branch_index(n: int, heads: int, segment: int, dilation: int, device) -> tup
         _INDEX_CACHE.clear()
     _INDEX_CACHE[key] = out
     return out
+
+
+def multiplicity_bias(n, heads, segments, dilations, device, dtype):
+    """``(H, N, N)`` bias ``log c`` and ``(H, N)`` coverage, ``c[h, q, k]`` = number of branches
+    in which query ``q`` sees key ``k`` in head ``h``.
+
+    LongNet's LSE-weighted sum of branch outputs equals one softmax over all keys with
+    weights ``c`` (each branch adds its keys' ``exp(score)`` to numerator and denominator),
+    i.e. dense attention with the additive bias ``log c`` (``c = 0``: masked).
+    """
+    key = (n, heads, tuple(segments), tuple(dilations), str(device), dtype)
+    hit = _BIAS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    pos = torch.arange(n, device=device)
+    count = torch.zeros(heads, n, n, dtype=torch.int16, device=device)
+    for segment, r in zip(segments, dilations):
+        w = min(segment, n)
+        same = (pos // w)[:, None] == (pos // w)[None, :]
+        group = torch.arange(heads, device=device) // -(-heads // r)  # (H,)
+        sel = (pos % w)[None, :] % r == group[:, None]  # (H, N)
+        count += (same[None] & sel[:, :, None] & sel[:, None, :]).to(torch.int16)
+    covered = count.diagonal(dim1=1, dim2=2) > 0
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    bias = torch.where(count > 0, count.to(acc).log(), -1.0e4).to(dtype)
+    if sum(b.numel() for b, _ in _BIAS_CACHE.values()) > 2**25:
+        _BIAS_CACHE.clear()
+    _BIAS_CACHE[key] = (bias, covered)
+    return bias, covered
+
+
+def _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask):
+    b, n, h, d = q.shape
+    bias, covered = multiplicity_bias(n, h, segments, dilations, q.device, q.dtype)
+    mask = bias[None]
+    if padding_mask is not None:
+        mask = mask.masked_fill(padding_mask[:, None, None, :], -1.0e4)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    drop = ~covered.T[None, :, :, None]  # (1, N, H, 1): positions no branch covers
+    if padding_mask is not None:
+        drop = drop | padding_mask[:, :, None, None]
+    return out.masked_fill(drop, 0.0)
 
 
 def dense_attention(q, k, v, padding_mask=None):
@@ -147,6 +195,8 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
         padding_mask = None
     if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
         return dense_attention(q, k, v, padding_mask)
+    if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
+        return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
     parts = [_branch(q, k, v, padding_mask, s, r, exact_grad) for s, r in zip(segments, dilations)]
     # per position and head: log of the summed softmax denominators over branches, (B, H, N)
     dense_lse = []
