@@ -176,6 +176,7 @@ def bench_encoder(
     repeats=1,
     exact_grad=True,
     out=print,
+    warmup=True,
 ):
     """Forward+backward tokens/s and utilisation; memory growth with checkpointing on."""
     device = torch.device(device)
@@ -194,7 +195,8 @@ def bench_encoder(
     for n in ns:
         encoder.set_grad_checkpointing(False)
         _reset_mem(device)
-        sec = _timeit(_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, repeats)
+        step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1)
+        sec = _timeit(step, device, repeats, warmup)
         row = {
             "n": n,
             "sec": sec,
@@ -211,7 +213,9 @@ def bench_encoder(
     out(f"{'N':>7} {'fwd+bwd s':>10} {'MFU %pk':>8} {'peak mem GiB':>13} {'mem/token KiB':>14}")
     mem_rows = []
     encoder.set_grad_checkpointing(True)
-    if mem_ns:  # one untimed checkpointed step so that one-off start-up is not in row one
+    if (
+        mem_ns and warmup
+    ):  # one untimed checkpointed step so that one-off start-up is not in row one
         _step(encoder, min(mem_ns), device, dt, int(math.sqrt(min(mem_ns))) + 1)()
     for n in mem_ns:
         _reset_mem(device)

@@ -56,6 +56,7 @@ def register(subparsers) -> None:
         help="treat branch LSE weights as constants in backward (as torchscale)",
     )
     enc.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    enc.add_argument("--no-warmup", action="store_true", help="time the first step (slow CPUs)")
     enc.set_defaults(func=_encoder)
 
 
@@ -91,5 +92,6 @@ def _encoder(args) -> int:
         device,
         args.repeats,
         exact_grad=not args.inexact_grad,
+        warmup=not args.no_warmup,
     )
     return 0
