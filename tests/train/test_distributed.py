@@ -1,4 +1,4 @@
-"""Scale-out: 2 gloo processes == 1 process with the same global batch (within 1e-5)."""
+"""Scale-out: 2 gloo processes (DDP, FSDP) == 1 process with the same global batch (1e-5)."""
 
 import os
 import socket
@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from slidessl.data.synthetic import make_cohort
 from slidessl.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -28,13 +29,13 @@ def _worker(rank: int, world: int, port: int, cfg: dict) -> None:
     pretrain(cfg)
 
 
-def _config(manifest, out, batch):
+def _config(manifest, out, batch, *extra):
     # Adam's eps damps gradients that are zero in exact arithmetic (key biases) but differ in
     # float noise between a 2-rank all-reduce and a single-process sum.
     return load_config("dino", [*TINY, f"data.manifest={manifest}", f"out={out}",
                                 f"train.batch_size={batch}", "train.epochs=1",
                                 "optim.eps=1e-4", "optim.freeze_last_layer_epochs=0",
-                                "optim.warmup_epochs=0", "crops.n_local=1"])
+                                "optim.warmup_epochs=0", "crops.n_local=1", *extra])
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
@@ -54,3 +55,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             assert torch.allclose(value, b[part][name], atol=1e-5), (part, name)
     assert torch.allclose(a["centers"]["dino"], b["centers"]["dino"], atol=1e-6)
     assert (tmp_path / "two" / "teacher" / "model.safetensors").is_file()
+
+    # FSDP2 (fully_shard) on the same 2 gloo processes: same exported teacher
+    fsdp = _config(manifest, tmp_path / "fsdp", 1, "distributed.strategy=fsdp")
+    mp.spawn(_worker, args=(2, _free_port(), fsdp), nprocs=2, join=True)
+    assert {p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()} == {"rank0", "rank1"}
+    ref = load_file(tmp_path / "one" / "teacher" / "model.safetensors")
+    got = load_file(tmp_path / "fsdp" / "teacher" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for name, value in ref.items():
+        assert torch.allclose(value, got[name], atol=1e-5), name

@@ -47,6 +47,11 @@ def _head(cfg: dict, in_dim: int) -> DINOHead:
     )
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP DTensor parameter; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _freeze_prototype_norm(head: nn.Module) -> None:
     """Fix the weight-norm magnitude ``g`` of the prototype layer at one (DINO's
     ``norm_last_layer=True``): only the prototype directions train."""
@@ -103,7 +108,9 @@ class SSLMetaArch(nn.Module):
             else None
         )
         self.koleo_loss = KoLeoLoss() if self.koleo_weight > 0 else None
-        self.monitor_batch: dict[str, torch.Tensor] = {}
+        # teacher outputs of global crop 0 (one row per slide) of each compute_loss call since
+        # the trainer last took them (collapse monitors)
+        self.monitor_rows: list[dict[str, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> SSLMetaArch:
@@ -148,10 +155,13 @@ class SSLMetaArch(nn.Module):
             )
             t_logits = self.teacher["dino_head"](t_out["cls"])
             t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
-            self.monitor_batch = {
-                "teacher_logits": t_logits.detach().float(),
-                "teacher_cls": t_out["cls"].detach().float(),
-            }
+            self.monitor_rows.append(
+                {
+                    "teacher_logits": t_logits.chunk(n_g)[0].detach().float().cpu(),
+                    "teacher_cls": t_out["cls"].chunk(n_g)[0].detach().float().cpu(),
+                }
+            )
+            del self.monitor_rows[:-64]
             if mask is not None:
                 t_patch = self._ibot_head(self.teacher)(t_out["tokens"][mask])
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
@@ -209,9 +219,13 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA: ``teacher = momentum * teacher + (1 - momentum) * student``, all parts."""
+        for module in self.modules():  # FSDP2: registered params back to their shards
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):
+                module.reshard()
         for name in self.student:
-            s_params = [p.detach() for p in self.student[name].parameters()]
-            t_params = [p.detach() for p in self.teacher[name].parameters()]
+            # under FSDP both sides are sharded alike: update the local shards
+            s_params = [_local(p.detach()) for p in self.student[name].parameters()]
+            t_params = [_local(p.detach()) for p in self.teacher[name].parameters()]
             if len(s_params) != len(t_params):
                 raise RuntimeError(f"student/teacher '{name}' parameter lists differ")
             torch._foreach_mul_(t_params, momentum)

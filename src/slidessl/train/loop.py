@@ -26,10 +26,9 @@ from slidessl.train.data import CropDataset, build_multicrop, build_slide_datase
 from slidessl.train.distributed import (
     SlideShardSampler,
     init_distributed,
-    unwrap,
     wrap_model,
 )
-from slidessl.train.monitor import CollapseMonitor, MetricsWriter, NonFiniteGuard, collapse_stats
+from slidessl.train.monitor import CollapseMonitor, MetricsWriter, MonitorWindow, NonFiniteGuard
 from slidessl.train.optim import build_optimizer
 from slidessl.train.schedules import build_schedules
 from slidessl.train.step import optimizer_step
@@ -130,11 +129,13 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
 
     arch = _build_arch(cfg, _feature_dim(slides)).to(device)
     arch.train()
+    model = wrap_model(arch, ctx, cfg)
+    # after wrapping: FSDP replaces the parameters with sharded ones
     optimizer = build_optimizer(arch.student, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
-    model = wrap_model(arch, ctx, cfg)
     m = cfg["monitor"]
     monitor = CollapseMonitor(m["usage_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
+    window = MonitorWindow(int(m["window_slides"]))
     guard = NonFiniteGuard(int(t["max_nan_steps"]))
     stats = RunStats()
     step = 0
@@ -195,8 +196,10 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if not res["finite"]:
                     guard.record(step, res.get("loss", float("nan")))
                 step += 1
+                window.add(arch.monitor_rows)
                 if ctx.is_main and (step % log_every == 0 or step == stop_at):
-                    row = _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor)
+                    timing = (t_data, step_time)
+                    row = _log_row(step, epoch, res, sched, timing, arch, monitor, window)
                     writer.write(row)
                     stats.last_monitors = dict(monitor.last)
                 if bar is not None:
@@ -265,8 +268,8 @@ def _progress(t: dict, ctx, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
-def _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor) -> dict:
-    mb = unwrap(arch).monitor_batch
+def _log_row(step, epoch, res, sched, timing, arch, monitor, window) -> dict:
+    t_data, step_time = timing
     row = {"step": step, "epoch": epoch}
     row.update({k: res[k] for k in sorted(res) if k.endswith("loss") or k == "loss"})
     row.update(
@@ -281,11 +284,9 @@ def _log_row(step, epoch, res, sched, t_data, step_time, arch, monitor) -> dict:
             "finite": res["finite"],
         }
     )
-    if mb:
-        center = None if arch.sinkhorn else arch.dino_loss.center
-        stats = collapse_stats(
-            mb["teacher_logits"], center, sched["teacher_temp"], mb["teacher_cls"]
-        )
+    center = None if arch.sinkhorn else arch.dino_loss.center.detach().float().cpu()
+    stats = window.stats(center, sched["teacher_temp"])
+    if stats:
         monitor.check(stats, step)
         row.update(stats)
     return row

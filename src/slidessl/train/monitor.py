@@ -2,7 +2,8 @@
 
 Collapse in DINO (Caron et al. 2021, Sec. 5.3) comes in two forms: one prototype dominates
 (teacher outputs are one-hot on the same dimension) or the output is uniform. Both make the
-teacher's output independent of the input. Computed once per logging step from the teacher:
+teacher's output independent of the input. Computed once per logging step from the teacher
+outputs (first global crop) of the last ``monitor.window_slides`` slides:
 
 - ``teacher_entropy``: mean per-sample entropy of the centred, sharpened teacher targets (nats).
 - ``teacher_usage``: mutual information between sample and prototype under the targets,
@@ -24,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CollapseMonitor", "MetricsWriter", "NonFiniteGuard", "collapse_stats"]
+__all__ = [
+    "CollapseMonitor",
+    "MetricsWriter",
+    "MonitorWindow",
+    "NonFiniteGuard",
+    "collapse_stats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,28 @@ def collapse_stats(
         "kl_teacher_center": float(kl),
         "cls_std": float(std),
     }
+
+
+class MonitorWindow:
+    """The teacher outputs of the last ``size`` slides (one global crop each), so collapse
+    statistics compare different slides even with one slide per micro-batch."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(int(size), 2)
+        self.logits: torch.Tensor | None = None
+        self.cls: torch.Tensor | None = None
+
+    def add(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        for row in rows:
+            lg, cl = row["teacher_logits"], row["teacher_cls"]
+            self.logits = lg if self.logits is None else torch.cat([self.logits, lg])[-self.size :]
+            self.cls = cl if self.cls is None else torch.cat([self.cls, cl])[-self.size :]
+        rows.clear()
+
+    def stats(self, center: torch.Tensor | None, teacher_temp: float) -> dict[str, float]:
+        if self.logits is None:
+            return {}
+        return collapse_stats(self.logits, center, teacher_temp, self.cls)
 
 
 class CollapseMonitor:

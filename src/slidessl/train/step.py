@@ -29,6 +29,32 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients, scaled down to ``max_norm`` when above it.
+
+    FSDP gradients are disjoint shards (DTensors): their squared norms are summed over
+    ranks, so every rank clips with the norm of the whole gradient, as DDP does.
+    """
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    for g in grads:
+        sq = sq + g.detach().float().pow(2).sum()
+    if any(hasattr(p.grad, "to_local") for p in params if p.grad is not None):
+        sq = all_reduce_sum(sq)
+    norm = float(sq.sqrt())
+    if max_norm is not None and max_norm > 0 and math.isfinite(norm):
+        coef = float(max_norm) / (norm + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return norm
+
+
 def _discard_pending_centers(arch: nn.Module) -> None:
     for loss in (arch.dino_loss, arch.ibot_loss):
         if loss is not None and hasattr(loss, "_pending_sum"):
@@ -93,17 +119,10 @@ def optimizer_step(
     if sched["last_layer_frozen"]:
         drop_frozen_grads(optimizer)
     params = [p for p in arch.student.parameters() if p.grad is not None]
-    if clip_grad is not None and clip_grad > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, float(clip_grad))
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
-        norm = norm.full_tensor()
+    norm = clip_gradients(params, clip_grad)
     optimizer.step()
     arch.update_centers()
     arch.update_teacher(float(sched["momentum"]))
     out["finite"] = 1.0
-    out["grad_norm"] = float(norm) if norm is not None else 0.0
-    if not math.isfinite(out["grad_norm"]):
-        out["grad_norm"] = float("nan")
+    out["grad_norm"] = norm if math.isfinite(norm) else float("nan")
     return out
