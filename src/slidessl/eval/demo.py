@@ -71,9 +71,14 @@ def run_demo(args) -> int:
             *args.overrides,
         ],
     )
-    _log(f"pretraining recipe {args.recipe!r} -> {cfg['out']}")
-    run = Path(pretrain(cfg))
-    teacher = run / "teacher"
+    if args.encoder:  # evaluate an existing export instead of pretraining
+        teacher = Path(args.encoder)
+        run = teacher.parent
+        _log(f"skipping pretraining: evaluating {teacher}")
+    else:
+        _log(f"pretraining recipe {args.recipe!r} -> {cfg['out']}")
+        run = Path(pretrain(cfg))
+        teacher = run / "teacher"
     timings["pretrain"] = time.time() - t
 
     t = time.time()
@@ -122,7 +127,14 @@ def run_demo(args) -> int:
     feats = {it["slide_id"]: it["features"] for it in items}
     folds = [resolve_folds(tk, folds_path) for tk in tasks]
     acfg = ABMILConfig(
-        epochs=8, patience=3, batch_size=16, train_tiles=64, eval_tiles=512, seed=args.seed
+        lr=1e-3,
+        epochs=6,
+        patience=2,
+        batch_size=16,
+        train_tiles=16,
+        val_tiles=64,
+        eval_tiles=256,
+        seed=args.seed,
     )
     a_tasks, a_folds, a_scores, _ = run_abmil(feats, tasks, folds, acfg)
     sums = [summarize(tk, f, s, 500, args.seed) for tk, f, s in zip(a_tasks, a_folds, a_scores)]

@@ -25,6 +25,8 @@ RESULT_KEYS = (
     "auprc_ci",
     "n_slides",
     "k",
+    "auroc_pooled",
+    "auprc_pooled",
 )
 
 
@@ -184,16 +186,18 @@ def slide_maps(encoder_path, manifest_path, fig_dir: Path, n: int, max_tiles: in
 
 def _table(rows: list[dict]) -> list[str]:
     lines = [
-        "| method | task | n | AUROC (mean ± std over folds) | 95% CI | AUPRC | 95% CI |",
+        "| method | task | n | AUROC fold mean ± std | AUROC pooled [95% CI] "
+        "| AUPRC fold mean ± std | AUPRC pooled [95% CI] |",
         "| --- | --- | ---: | --- | --- | --- | --- |",
     ]
     for r in sorted(rows, key=lambda r: (r["task"], -_num(r["auroc_mean"]))):
-        ci = [r.get("auroc_ci") or [None, None], r.get("auprc_ci") or [None, None]]
-        cis = [f"[{_num(a):.3f}, {_num(b):.3f}]" for a, b in ci]
+        cells = []
+        for key in ("auroc", "auprc"):
+            lo, hi = r.get(f"{key}_ci") or [None, None]
+            cells.append(_cell(r[f"{key}_mean"], r[f"{key}_std"]))
+            cells.append(f"{_num(r.get(f'{key}_pooled')):.3f} [{_num(lo):.3f}, {_num(hi):.3f}]")
         lines.append(
-            f"| {r['method']} | {r['task']} | {r['n_slides']} | "
-            f"{_cell(r['auroc_mean'], r['auroc_std'])} | {cis[0]} | "
-            f"{_cell(r['auprc_mean'], r['auprc_std'])} | {cis[1]} |"
+            f"| {r['method']} | {r['task']} | {r['n_slides']} | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -229,7 +233,16 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
     md = [f"# slidessl evaluation report: `{run_dir}`", ""]
     if meta.get("description"):
         md += [meta["description"], ""]
-    md += ["## Comparison (same patient-grouped folds for every method)", "", *_table(rows), ""]
+    md += [
+        "## Comparison (same patient-grouped folds for every method)",
+        "",
+        "Fold mean ± std: the metric in each test fold; pooled: the metric of all out-of-fold "
+        "predictions together, with a percentile bootstrap 95% CI over slides (multi-class / "
+        "multi-label: macro averages).",
+        "",
+        *_table(rows),
+        "",
+    ]
     if verdict:
         md += [f"## Does `{focus}` beat the baselines?", "", *[f"- {v}" for v in verdict], ""]
     if retrieval:

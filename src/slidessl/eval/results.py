@@ -111,20 +111,25 @@ def write_results(
 
 
 def format_table(method: str, summaries: dict[str, dict]) -> str:
-    """A plain-text table: task, n, AUROC mean +- std [CI], AUPRC mean +- std [CI]."""
+    """Plain-text table: AUROC / AUPRC fold mean +- std, and pooled value [bootstrap 95% CI]."""
     lines = [
-        f"{'method':<14} {'task':<18} {'n':>5}  {'AUROC':<26} {'AUPRC':<26}",
+        f"{'method':<14} {'task':<16} {'n':>5}  {'AUROC mean+-std':<15} {'pooled [95% CI]':<22}"
+        f" {'AUPRC mean+-std':<15} {'pooled [95% CI]':<22}",
     ]
     for name, s in summaries.items():
         cells = []
         for key in ("auroc", "auprc"):
-            ci = s.get(f"{key}_ci") or [float("nan")] * 2
-            cells.append(f"{_f(s[f'{key}_mean'])}+-{_f(s[f'{key}_std'])} [{_f(ci[0])},{_f(ci[1])}]")
-        lines.append(f"{method:<14} {name:<18} {s['n_slides']:>5}  {cells[0]:<26} {cells[1]:<26}")
+            lo, hi = s.get(f"{key}_ci") or [float("nan")] * 2
+            cells.append(f"{_f(s[f'{key}_mean'])}+-{_f(s[f'{key}_std'])}")
+            cells.append(f"{_f(s[f'{key}_pooled'])} [{_f(lo)},{_f(hi)}]")
+        lines.append(
+            f"{method:<14} {name:<16} {s['n_slides']:>5}  {cells[0]:<15} {cells[1]:<22}"
+            f" {cells[2]:<15} {cells[3]:<22}"
+        )
         if s.get("kind") == "multilabel":
             micro = f"{_f(s['auroc_micro_mean'])}+-{_f(s['auroc_micro_std'])}"
             micro_p = f"{_f(s['auprc_micro_mean'])}+-{_f(s['auprc_micro_std'])}"
-            lines.append(f"{'':<14} {'  (micro)':<18} {'':>5}  {micro:<26} {micro_p:<26}")
+            lines.append(f"{'':<14} {'  (micro)':<16} {'':>5}  {micro:<15} {'':<22} {micro_p:<15}")
     return "\n".join(lines)
 
 
