@@ -1,0 +1,81 @@
+"""`slidessl bench attention|encoder` run end to end at toy sizes."""
+
+import pytest
+import torch
+
+from slidessl.cli import main
+from slidessl.models.bench import bench_attention, encoder_flops
+from slidessl.models.encoder import build_encoder
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_attention_cli_prints_ratio_table(capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "attention",
+                "--n",
+                "64,128",
+                "--dim",
+                "32",
+                "--heads",
+                "2",
+                "--repeats",
+                "1",
+                "--dense-limit",
+                "1e-9",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "matmul peak" in text and "dense/gp" in text
+    assert "dense skipped for N=[128]" in text  # the limit forces the estimate
+
+
+def test_bench_attention_rows_are_consistent():
+    rows = bench_attention([96], dim=32, heads=2, repeats=1, out=lambda *_: None)
+    r = rows[0]
+    assert r["n"] == 96 and r["dense_s"] > 0 and r["gigapath_s"] > 0
+    assert 0 < r["dense_frac"] and 0 < r["default_frac"]
+
+
+def test_bench_encoder_cli(capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "encoder",
+                "--preset",
+                "tiny",
+                "--n",
+                "64",
+                "--mem-n",
+                "32,64",
+                "--no-warmup",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "tokens/s" in text and "checkpointing on" in text
+
+
+def test_encoder_flops_counts_linear_and_attention():
+    enc = build_encoder("tiny", attention="dense", depth=1, embed_dim=64, mlp_dim=128)
+    n = 99
+    tokens = n + 1
+    linear = 2 * tokens * (4 * 64 * 64 + 2 * 64 * 128) + 2 * n * 64 * 64
+    attn = 4 * tokens * tokens * 64
+    assert encoder_flops(enc, n) == 3 * (linear + attn)
