@@ -8,7 +8,7 @@ from slidessl.eval.tasks import Task
 
 
 def test_abmil_learns_a_planted_needle(rng):
-    """Positive slides hide a few marker tiles among many; the slide mean barely moves."""
+    """The class lives in which features co-occur within a tile: slide means are equal."""
     n, d = 90, 8
     y = (rng.random(n) < 0.5).astype(int)
     y[:2] = [0, 1]
@@ -16,8 +16,12 @@ def test_abmil_learns_a_planted_needle(rng):
     for i in range(n):
         k = int(rng.integers(40, 80))
         x = rng.standard_normal((k, d))
-        if y[i]:
-            x[rng.choice(k, 3, replace=False), 0] += 4.0
+        rows = rng.choice(k, 12, replace=False)
+        if y[i]:  # six tiles high on both dims 0 and 1
+            x[rows[:6], :2] += 4.0
+        else:  # six tiles high on dim 0, six others on dim 1: same slide means
+            x[rows[:6], 0] += 4.0
+            x[rows[6:], 1] += 4.0
         feats[f"s{i}"] = torch.as_tensor(x, dtype=torch.float32)
     task = Task(
         "needle", "binary", ["needle"], ["0", "1"], list(feats), [f"p{i}" for i in range(n)], y
@@ -27,7 +31,7 @@ def test_abmil_learns_a_planted_needle(rng):
         epochs=25,
         patience=6,
         lr=1e-3,
-        batch_size=8,
+        batch_size=4,
         train_tiles=64,
         proj_dim=32,
         attn_dim=16,
@@ -37,5 +41,6 @@ def test_abmil_learns_a_planted_needle(rng):
     assert scores[0].shape == (n,)
     assert binary_auroc(y, scores[0]) > 0.85
     assert all(f["epochs"] >= 1 for f in logs[0])
-    mean_auc = binary_auroc(y, np.array([feats[f"s{i}"][:, 0].mean().item() for i in range(n)]))
-    assert mean_auc < binary_auroc(y, scores[0])
+    mean_x = np.stack([feats[f"s{i}"][:, :2].mean(0).numpy() for i in range(n)])
+    mean_auc = max(binary_auroc(y, mean_x[:, 0]), binary_auroc(y, mean_x[:, 1]))
+    assert mean_auc < 0.75
