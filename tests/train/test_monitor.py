@@ -59,3 +59,12 @@ def test_metrics_csv_resume_truncates(tmp_path):
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["loss"]) == 9.0
+
+
+def test_tensorboard_events_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    w.write({"step": 1, "loss": 2.5, "lr": 1e-3})
+    w.close()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
