@@ -51,10 +51,10 @@ SEGMENTS = "[1024, 5792, 32768, 185363, 1048576]"
 def _flash_math(q, k, v, dropout=0.0, bias=None, softmax_scale=None, is_causal=False):
     """Exact stand-in for flash_attn_func: (b, l, h, d) in, (out, lse (b, h, l)) out."""
     scale = softmax_scale or q.shape[-1] ** -0.5
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     lse = torch.logsumexp(s, -1)
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v.double())
-    return out.to(q.dtype), lse.to(q.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+    return out, lse
 
 
 class _Layer(ts_encoder.EncoderLayer):
@@ -147,7 +147,8 @@ def test_matches_published_longnet(tmp_path, monkeypatch, n_tiles, global_pool):
         [torch.randint(0, 1000, (b, n_tiles)), torch.randint(0, 1000, (b, n_tiles))], -1
     )
     with torch.no_grad():
-        for all_layers in (False, True):
+        # the long case exercises multi-segment branches; per-layer outputs are checked short
+        for all_layers in (False, True) if n_tiles < 1000 else (False,):
             expect = ref(x, grid, all_layers)
             got = gigapath_forward(ours, x, grid, all_layers)
             assert len(got) == len(expect) == (DEPTH + 1 if all_layers else 1)
