@@ -62,6 +62,8 @@ def test_embed_probe_multilabel_retrieve_report(cohort, tmp_path, capsys):
                 "tumor_high",
                 "--folds",
                 str(folds),
+                "--jobs",
+                "2",
                 "--epochs",
                 "2",
                 "--train-tiles",

@@ -143,16 +143,20 @@ def run_abmil(
     folds: list[np.ndarray],
     cfg: ABMILConfig,
     progress: bool = True,
+    n_jobs: int = 1,
 ):
     """ABMIL for every task and fold; ``features`` maps slide id -> (n, D) tiles.
 
-    Returns ``(tasks, folds, scores, fold_logs)`` restricted to slides with features.
+    With ``n_jobs > 1`` the (task, fold) trainings run on that many threads, each with one
+    intra-op torch thread (robust on shared CPUs; dropout draws then interleave, so results
+    are not bit-reproducible). Returns ``(tasks, folds, scores, fold_logs)`` restricted to
+    slides with features.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    out_tasks, out_folds, out_scores, logs = [], [], [], []
-    jobs = sum(int(f.max()) + 1 for f in folds)
-    bar = tqdm(total=jobs, desc="abmil", disable=not progress)
+    subs = []
     for task, fold in zip(tasks, folds):
         keep = np.array([s in features for s in task.slide_ids])
         if not keep.all():
@@ -161,26 +165,44 @@ def run_abmil(
                 int((~keep).sum()),
                 task.name,
             )
-        sub, fold = task.subset(keep), fold[keep]
+        sub = task.subset(keep)
         sub.meta["n_missing_embeddings"] = int((~keep).sum())
-        feats = [features[s] for s in sub.slide_ids]
-        shape = (len(feats),) if sub.kind == "binary" else (len(feats), _targets(sub)[1])
-        scores = np.zeros(shape)
+        subs.append((sub, fold[keep], [features[s] for s in sub.slide_ids]))
+    jobs = [(t, f) for t, (_, fold, _) in enumerate(subs) for f in range(int(fold.max()) + 1)]
+    bar = tqdm(total=len(jobs), desc="abmil", disable=not progress)
+
+    def one(job):
+        sub, fold, feats = subs[job[0]]
+        test, train = np.where(fold == job[1])[0], np.where(fold != job[1])[0]
+        res = train_fold(feats, sub, train, test, cfg) if len(test) else None
+        bar.update(1)
+        return res
+
+    threads = torch.get_num_threads()
+    if n_jobs > 1:
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+            done = dict(zip(jobs, pool.map(one, jobs)))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    out_tasks, out_folds, out_scores, logs = [], [], [], []
+    for t, (sub, fold, feats) in enumerate(subs):
+        n_out = _targets(sub)[1]
+        scores = np.zeros((len(feats),) if sub.kind == "binary" else (len(feats), n_out))
         task_logs = []
         for f in range(int(fold.max()) + 1):
-            test = np.where(fold == f)[0]
-            train = np.where(fold != f)[0]
-            if len(test):
-                s, info = train_fold(feats, sub, train, test, cfg)
-                scores[test] = s
-                task_logs.append({"fold": f, **{k: v for k, v in info.items() if k != "history"}})
-            bar.update(1)
+            if done[(t, f)] is None:
+                continue
+            s, info = done[(t, f)]
+            scores[fold == f] = s
+            task_logs.append({"fold": f, **{k: v for k, v in info.items() if k != "history"}})
         sub.meta["abmil_folds"] = task_logs
         out_tasks.append(sub)
         out_folds.append(fold)
         out_scores.append(scores)
         logs.append(task_logs)
-    bar.close()
     return out_tasks, out_folds, out_scores, logs
 
 

@@ -51,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--train-tiles", type=int, default=2048, help="tiles sampled per slide")
     p.add_argument("--max-tiles", type=int, default=8192, help="tiles loaded per slide")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--jobs", type=int, default=1, help="parallel fold trainings (threads)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_abmil)
@@ -155,7 +156,7 @@ def cmd_abmil(args) -> int:
     folds = [resolve_folds(t, args.folds, args.k, args.seed) for t in tasks]
     feats = load_tile_features(manifest, args.max_tiles, args.seed)
     cfg = ABMILConfig(lr=args.lr, epochs=args.epochs, train_tiles=args.train_tiles, seed=args.seed)
-    tasks, folds, scores, _ = run_abmil(feats, tasks, folds, cfg)
+    tasks, folds, scores, _ = run_abmil(feats, tasks, folds, cfg, n_jobs=args.jobs)
     sums = [summarize(t, f, s, args.bootstrap, args.seed) for t, f, s in zip(tasks, folds, scores)]
     extra = {
         "kind": "abmil",

@@ -136,7 +136,7 @@ def run_demo(args) -> int:
         eval_tiles=256,
         seed=args.seed,
     )
-    a_tasks, a_folds, a_scores, _ = run_abmil(feats, tasks, folds, acfg)
+    a_tasks, a_folds, a_scores, _ = run_abmil(feats, tasks, folds, acfg, n_jobs=2)
     sums = [summarize(tk, f, s, 500, args.seed) for tk, f, s in zip(a_tasks, a_folds, a_scores)]
     write_results(
         out / "abmil",
