@@ -28,8 +28,8 @@ def _run(cfg, arch, batches_per_step):
     return arch, losses, grads
 
 
-@pytest.mark.parametrize("recipe", ["dino", "dinov2"])
-def test_k_micro_batches_equal_one_big_batch(recipe, tiny_cfg, make_batch, rng):
+def test_k_micro_batches_equal_one_big_batch(tiny_cfg, make_batch, rng):
+    recipe = "dinov2"  # DINO + iBOT with a separate head, local crops, centering
     extra = ["optim.freeze_last_layer_epochs=0", "optim.warmup_epochs=0", "koleo.loss_weight=0",
              "dino.centering=centering", "crops.mask_probability=1.0",
              # gradients that are zero in exact arithmetic (e.g. key biases under softmax)

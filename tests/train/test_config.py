@@ -38,7 +38,8 @@ def test_unknown_key_in_recipe_names_file(tmp_path):
 
 def test_free_form_sections_accept_new_keys():
     cfg = load_config("demo", ["model.overrides.depth=1", "crops.n_local=3"])
-    assert cfg["model"]["overrides"] == {"depth": 1}
+    assert cfg["model"]["overrides"]["depth"] == 1
+    assert cfg["model"]["overrides"]["attention"] == "dense"  # kept from the recipe
     assert cfg["crops"]["n_local"] == 3
 
 

@@ -57,6 +57,7 @@ def _state(arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats,
         "epoch": epoch,
         "sampler": sampler.state_dict(),
         "data_seed": int(cfg["seed"]),
+        "global_batch": sampler.global_batch,
         "rng": ckpt_io.capture_rng_state(),
         "nan_guard": guard.state_dict(),
         "monitor": monitor.state_dict(),
@@ -145,7 +146,23 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
         state = _restore(latest, arch, optimizer, scaler, guard, monitor, stats, device)
         step = int(state["step"])
-        log.info("resumed from %s at step %d", latest, step)
+        saved = state.get("sampler", {})
+        if state.get("global_batch", global_batch) != global_batch:
+            log.warning(
+                "resuming with a global batch of %d slides, the checkpoint used %d: data "
+                "order and schedules will not match the original run",
+                global_batch,
+                state.get("global_batch"),
+            )
+        log.info("resumed from %s at step %d (epoch %s)", latest, step, saved.get("epoch"))
+    elif ckpt_io.list_checkpoints(ckpt_dir):
+        log.warning(
+            "%s holds checkpoints of an earlier run; starting afresh (use --resume to "
+            "continue it) and replacing them",
+            ckpt_dir,
+        )
+        for old in ckpt_io.list_checkpoints(ckpt_dir):
+            old.unlink()
     writer = MetricsWriter(out, bool(t["tensorboard"]), resume=resume) if ctx.is_main else None
     if writer is not None and resume:
         writer.truncate_after(step)
