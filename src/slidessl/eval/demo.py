@@ -26,7 +26,10 @@ def _log(msg: str) -> None:
 
 
 def run_demo(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
+    import torch
 
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
@@ -89,9 +92,27 @@ def run_demo(args) -> int:
     t = time.time()
     methods = {FOCUS: str(teacher), "meanpool": "meanpool", "random-init": f"random:{teacher}"}
     emb = {}
-    for name, spec in methods.items():
-        encoder, desc = build_embedder(spec, ds.feature_dim, seed=args.seed)
-        ids, vecs = embed_items(encoder, items, "cls", batch_size=8)
+    # Encoders are built one after the other (the random init draws from the global RNG),
+    # then run on two threads with one intra-op thread each: robust on a shared CPU.
+    built = {
+        name: build_embedder(spec, ds.feature_dim, seed=args.seed) for name, spec in methods.items()
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            vectors = dict(
+                zip(
+                    built,
+                    pool.map(
+                        lambda enc: embed_items(enc[0], items, "cls", batch_size=8), built.values()
+                    ),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for name, (ids, vecs) in vectors.items():
+        desc = built[name][1]
         path = out / "embeddings" / f"{name}.h5"
         path.unlink(missing_ok=True)
         with EmbeddingWriter(path, {"encoder": desc, "pooling": "cls", "max_tiles": cap}) as w:
