@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--local-tiles", type=int, default=1024 if gpu else 256)
     p.add_argument("--n-local", type=int, default=8 if gpu else 2)
     p.add_argument("--batch", type=int, default=1, help="slides per step")
-    p.add_argument("--steps", type=int, default=5 if gpu else 2,
-                   help="timed steps (after one warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=5 if gpu else 2, help="timed steps (after one warm-up)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--slides", type=int, default=0, help="cohort size (default: enough)")
     p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
@@ -60,16 +61,24 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         lo = int(args.global_tiles * 1.1)
         make_cohort(root, n_slides, seed=0, dim=1536, min_tiles=lo, max_tiles=int(lo * 1.3))
-        print(f"cohort: {n_slides} slides x >= {lo} tiles x 1536-d, written in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"cohort: {n_slides} slides x >= {lo} tiles x 1536-d, written in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     overrides = [
-        f"data.manifest={manifest}", f"data.num_workers={args.workers}",
-        f"data.max_tiles={args.global_tiles * 2}", "model.name=gigapath",
+        f"data.manifest={manifest}",
+        f"data.num_workers={args.workers}",
+        f"data.max_tiles={args.global_tiles * 2}",
+        "model.name=gigapath",
         f"model.overrides={{depth: {args.depth}, attention: {args.attention}}}",
-        f"crops.global_max_tiles={args.global_tiles}", f"crops.local_max_tiles={args.local_tiles}",
-        f"crops.n_local={args.n_local}", "crops.global_scale=[0.9, 1.0]",
-        f"train.batch_size={args.batch}", f"train.precision={args.precision}",
-        "koleo.loss_weight=0", "train.progress=false",
+        f"crops.global_max_tiles={args.global_tiles}",
+        f"crops.local_max_tiles={args.local_tiles}",
+        f"crops.n_local={args.n_local}",
+        "crops.global_scale=[0.9, 1.0]",
+        f"train.batch_size={args.batch}",
+        f"train.precision={args.precision}",
+        "koleo.loss_weight=0",
+        "train.progress=false",
     ]
     cfg = load_config("dinov2", overrides)
     slides = build_slide_dataset(cfg)
@@ -85,8 +94,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        optimizer_step(arch, arch, opt, [batch], sched, device=device,
-                       precision=args.precision, clip_grad=3.0)
+        optimizer_step(
+            arch, arch, opt, [batch], sched, device=device, precision=args.precision, clip_grad=3.0
+        )
         if gpu:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -95,17 +105,25 @@ def main(argv=None) -> int:
             steps.append(t2 - t0)
             tokens = int((~batch["global"]["padding_mask"]).sum())
     total = sum(steps)
-    print(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'} "
-          f"({torch.get_num_threads()} threads), precision {args.precision}")
-    print(f"encoder: gigapath preset, depth {args.depth} (full: 12), attention {args.attention}, "
-          f"{sum(p.numel() for p in arch.student['backbone'].parameters()) / 1e6:.1f} M params")
-    print(f"crops: 2 global x <= {args.global_tiles} tiles ({tokens} real global tokens in the "
-          f"last batch), {args.n_local} local x <= {args.local_tiles}; batch {args.batch} slide(s)")
+    print(
+        f"device: {torch.cuda.get_device_name() if gpu else 'cpu'} "
+        f"({torch.get_num_threads()} threads), precision {args.precision}"
+    )
+    print(
+        f"encoder: gigapath preset, depth {args.depth} (full: 12), attention {args.attention}, "
+        f"{sum(p.numel() for p in arch.student['backbone'].parameters()) / 1e6:.1f} M params"
+    )
+    print(
+        f"crops: 2 global x <= {args.global_tiles} tiles ({tokens} real global tokens in the "
+        f"last batch), {args.n_local} local x <= {args.local_tiles}; batch {args.batch} slide(s)"
+    )
     print(f"{'step time (s)':<28}{total / len(steps):>10.3f}")
     print(f"{'slides/s':<28}{args.batch * len(steps) / total:>10.3f}")
     share = sum(waits) / total
-    print(f"{'data-wait share':<28}{share:>10.1%}   target <= 10%: "
-          f"{'met' if share <= 0.10 else 'NOT met'}")
+    print(
+        f"{'data-wait share':<28}{share:>10.1%}   target <= 10%: "
+        f"{'met' if share <= 0.10 else 'NOT met'}"
+    )
     tmp.cleanup()
     return 0
 
