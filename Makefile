@@ -7,14 +7,18 @@ STAMP  := $(VENV)/.installed-stamp
 # torch would pull a multi-GB CUDA build. On a GPU box, install your own torch first.
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
+REFERENCE_PKGS ?= dinov2==0.0.1.dev2 torchscale-gml==0.2.3 einops==0.8.2
 
 .PHONY: setup test lint demo bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev]'
+	@# Public reference implementations, for the optional equivalence tests only (never runtime
+	@# deps). --no-deps: their own pins would pull another torch. Tests skip when absent.
+	$(PY) -m pip install -q --no-deps $(REFERENCE_PKGS) \
+	  || echo "reference packages unavailable: equivalence tests will be skipped"
 	@touch $(STAMP)
 
 setup: $(STAMP)
