@@ -1,17 +1,29 @@
 """GPU check: both benchmarks in bf16 up to 100k tokens, then one summary table.
 
 Run through ``benchmarks/gpu_check.sh``. Without CUDA it runs the same code on the CPU at
-toy sizes (``--dry``) so the script itself is tested before a GPU is spent on it.
+toy sizes (``--dry``) so the script itself is tested before a GPU is spent on it. Each
+stage is guarded: a failure prints its reason and the remaining stages still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 import torch
 
 from slidessl.models.bench import bench_attention, bench_encoder
+
+
+def _stage(name, fn):
+    print(f"== {name} ==", flush=True)
+    try:
+        return fn()
+    except Exception:  # a failed stage must not cost the rest of the (paid) GPU run
+        print(f"{name} FAILED:")
+        traceback.print_exc(file=sys.stdout)
+        return None
 
 
 def main(argv=None) -> int:
@@ -23,21 +35,27 @@ def main(argv=None) -> int:
         print("gpu_check: CUDA not available; use --dry for a CPU rehearsal")
         return 0
     if cuda:
-        device, dtype = "cuda", "bfloat16"
+        device, dtype, preset, repeats = "cuda", "bfloat16", "gigapath", 3
         att_n = [1024, 4096, 8192, 16384, 32768, 65536, 100000]
-        enc_n, mem_n, preset = [2048, 8192], [4096, 8192, 16384, 32768, 65536, 100000], "gigapath"
-        repeats = 3
+        enc_n, batches = [2048, 8192], [1, 4, 8]
+        mem_n = [4096, 8192, 16384, 32768, 65536, 100000]
     else:
-        device, dtype = "cpu", "float32"
-        att_n, enc_n, mem_n, preset, repeats = [256, 1024], [256], [256, 512], "tiny", 1
-    print("== bench attention ==", flush=True)
-    att = bench_attention(att_n, 768, 16, dtype, device, repeats, dense_limit_s=30.0)
-    print("== bench encoder ==", flush=True)
-    enc, mem = bench_encoder(preset, enc_n, mem_n, dtype, device, repeats)
+        device, dtype, preset, repeats = "cpu", "float32", "tiny", 1
+        att_n, enc_n, batches, mem_n = [256, 1024], [256], [1, 2], [256, 512]
+    att = _stage(
+        "bench attention",
+        lambda: bench_attention(att_n, 768, 16, dtype, device, repeats, dense_limit_s=30.0),
+    )
+    enc = _stage(
+        "bench encoder",
+        lambda: bench_encoder(
+            preset, enc_n, mem_n, dtype, device, repeats, batch_sizes=batches, graphs=True
+        ),
+    )
     print("== summary ==")
     name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
     print(f"card: {name}; torch {torch.__version__}; dtype {dtype}")
-    for r in att:
+    for r in att or []:
         if r["n"] in (16384, 100000, att_n[-1]):
             dense = r["dense_s"] or r.get("dense_skipped_est_s")
             print(
@@ -46,9 +64,15 @@ def main(argv=None) -> int:
                 f"matmul peak gp {100 * r['gigapath_frac']:.0f}% ours "
                 f"{100 * r['default_frac']:.0f}%"
             )
-    for r in enc:
+    rows, mem = enc if enc is not None else ([], [])
+    for r in rows:
+        what = f"encoder {preset} N={r['n']} batch {r['batch']} {r['mode']}"
+        if r["sec"] is None:
+            reason = r.get("error", "out of memory").strip().splitlines()
+            print(f"{what}: FAILED ({reason[0] if reason else 'unknown'})")
+            continue
         print(
-            f"encoder {preset} N={r['n']}: {r['tokens_per_s']:.0f} tokens/s fwd+bwd, "
+            f"{what}: {r['tokens_per_s']:.0f} tokens/s fwd+bwd, "
             f"MFU {100 * r['mfu']:.1f}% of measured matmul peak, "
             f"peak mem {r['peak_mem'] / 2**30:.2f} GiB"
         )

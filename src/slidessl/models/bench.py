@@ -153,18 +153,91 @@ def _peak_mem(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _step(encoder, n, device, dt, grid_side):
-    x = torch.randn(1, n, encoder.in_dim, device=device)
+def _step(encoder, n, device, dt, grid_side, batch=1, cache=True):
+    """One fwd+bwd closure on static random inputs (``batch`` slides of ``n`` tiles, no
+    padding mask: the no-mask path has no host sync, so it can be captured in a graph)."""
+    x = torch.randn(batch, n, encoder.in_dim, device=device)
     idx = torch.arange(n, device=device)
-    coords = torch.stack([idx % grid_side, idx // grid_side], -1)[None]
+    coords = torch.stack([idx % grid_side, idx // grid_side], -1)[None].expand(batch, -1, -1)
 
     def run():
         encoder.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
+        with torch.autocast(
+            device.type, dtype=dt, enabled=dt != torch.float32, cache_enabled=cache
+        ):
             out = encoder.forward_features(x, coords)
         (out["cls"].float().pow(2).mean() + out["tokens"].float().pow(2).mean()).backward()
 
     return run
+
+
+def _graphed(step, device, warmup_iters=3):
+    """Capture one fwd+bwd ``step`` into a ``torch.cuda.CUDAGraph``; return its replay.
+
+    Follows PyTorch's whole-network capture recipe: warm-up iterations on a side stream
+    (lazy init, cuBLAS workspaces, index caches), gradients set to None so that backward
+    allocates them inside the graph's private pool, then one captured iteration.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_iters):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the eager warm-up's blocks would otherwise sit beside the pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _row(encoder, n, batch, mode, sec, peak, device):
+    flops = batch * encoder_flops(encoder, n)
+    return {
+        "n": n,
+        "batch": batch,
+        "mode": mode,
+        "sec": sec,
+        "tokens_per_s": batch * n / sec,
+        "mfu": flops / sec / peak,
+        "peak_mem": _peak_mem(device),
+    }
+
+
+def _row_line(r):
+    return (
+        f"{r['n']:>7} {r['batch']:>5} {r['mode']:>6} {r['sec']:>10.3f} "
+        f"{r['tokens_per_s']:>10.0f} {100 * r['mfu']:>8.1f} {r['peak_mem'] / 2**30:>13.2f}"
+    )
+
+
+def _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out):
+    """Time CUDA-graph replays of one captured fwd+bwd per (N, batch); failures are reported."""
+    rows = []
+    for n in ns:
+        for b in batch_sizes:
+            _reset_mem(device)
+            graph = None
+            try:
+                step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b, cache=False)
+                graph = _graphed(step, device)
+                sec = _timeit(graph.replay, device, repeats)
+            except Exception as exc:  # any capture / replay failure is reported, not fatal
+                msg = str(exc).strip().splitlines()
+                out(
+                    f"{n:>7} {b:>5} {'graph':>6} capture/replay failed: "
+                    f"{type(exc).__name__}: {msg[0] if msg else ''}"
+                )
+                rows.append({"n": n, "batch": b, "mode": "graph", "sec": None, "error": str(exc)})
+            else:
+                rows.append(_row(encoder, n, b, "graph", sec, peak, device))
+                out(_row_line(rows[-1]))
+            del graph
+            encoder.zero_grad(set_to_none=True)
+            _reset_mem(device)
+    return rows
 
 
 def bench_encoder(
@@ -177,8 +250,17 @@ def bench_encoder(
     exact_grad=True,
     out=print,
     warmup=True,
+    batch_sizes=(1,),
+    graphs=False,
 ):
-    """Forward+backward tokens/s and utilisation; memory growth with checkpointing on."""
+    """Forward+backward tokens/s and utilisation per (N, batch); memory growth with
+    checkpointing on; optionally the same steps replayed from CUDA graphs.
+
+    Returns ``(rows, mem_rows)``; ``rows`` hold eager rows, then graph rows (``mode``).
+    """
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
     device = torch.device(device)
     dt = _DTYPES[dtype]
     peak = matmul_peak(device, dt)
@@ -190,26 +272,30 @@ def bench_encoder(
         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
         f"matmul peak {peak / 1e12:.2f} TFLOP/s (measured)"
     )
-    out(f"{'N':>7} {'fwd+bwd s':>10} {'tokens/s':>10} {'MFU %pk':>8} {'peak mem GiB':>13}")
+    header = (
+        f"{'N':>7} {'batch':>5} {'mode':>6} {'fwd+bwd s':>10} {'tokens/s':>10} "
+        f"{'MFU %pk':>8} {'peak mem GiB':>13}"
+    )
+    out(header)
     rows = []
     for n in ns:
-        encoder.set_grad_checkpointing(False)
-        _reset_mem(device)
-        step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1)
-        sec = _timeit(step, device, repeats, warmup)
-        row = {
-            "n": n,
-            "sec": sec,
-            "tokens_per_s": n / sec,
-            "mfu": encoder_flops(encoder, n) / sec / peak,
-            "peak_mem": _peak_mem(device),
-        }
-        rows.append(row)
-        out(
-            f"{n:>7} {sec:>10.3f} {n / sec:>10.0f} {100 * row['mfu']:>8.1f} "
-            f"{row['peak_mem'] / 2**30:>13.2f}"
-        )
-    out("activation checkpointing on:")
+        for b in batch_sizes:
+            encoder.set_grad_checkpointing(False)
+            _reset_mem(device)
+            step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b)
+            try:
+                sec = _timeit(step, device, repeats, warmup)
+            except torch.OutOfMemoryError:
+                encoder.zero_grad(set_to_none=True)
+                del step
+                _reset_mem(device)
+                rows.append({"n": n, "batch": b, "mode": "eager", "sec": None})
+                out(f"{n:>7} {b:>5} {'eager':>6} out of memory")
+                continue
+            rows.append(_row(encoder, n, b, "eager", sec, peak, device))
+            out(_row_line(rows[-1]))
+            del step
+    out("activation checkpointing on (batch 1):")
     out(f"{'N':>7} {'fwd+bwd s':>10} {'MFU %pk':>8} {'peak mem GiB':>13} {'mem/token KiB':>14}")
     mem_rows = []
     encoder.set_grad_checkpointing(True)
@@ -237,6 +323,15 @@ def bench_encoder(
         )
     if device.type == "cpu":
         out("cpu memory is the process's peak RSS so far (monotone), lengths run in order")
+    encoder.set_grad_checkpointing(False)
+    encoder.zero_grad(set_to_none=True)
+    if graphs:
+        if device.type != "cuda":
+            out("cuda graphs: skipped (capture needs a CUDA device)")
+        else:
+            out("CUDA graph: one captured fwd+bwd (no padding mask), timed replays:")
+            out(header)
+            rows += _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out)
     return rows, mem_rows
 
 

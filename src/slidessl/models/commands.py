@@ -57,6 +57,17 @@ def register(subparsers) -> None:
     )
     enc.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     enc.add_argument("--no-warmup", action="store_true", help="time the first step (slow CPUs)")
+    enc.add_argument(
+        "--batch",
+        type=_ints,
+        default=[1],
+        help="comma-separated slides per step (each of N tiles) for the throughput table",
+    )
+    enc.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time replays of one fwd+bwd captured in a CUDA graph (CUDA only)",
+    )
     enc.set_defaults(func=_encoder)
 
 
@@ -84,6 +95,9 @@ def _encoder(args) -> int:
     from slidessl.models.bench import bench_encoder
 
     device, dtype = _device_dtype(args)
+    if not args.batch or min(args.batch) < 1:
+        print(f"bench encoder: --batch needs positive slide counts, got {args.batch}")
+        return 2
     bench_encoder(
         args.preset,
         args.n,
@@ -93,5 +107,7 @@ def _encoder(args) -> int:
         args.repeats,
         exact_grad=not args.inexact_grad,
         warmup=not args.no_warmup,
+        batch_sizes=args.batch,
+        graphs=args.cuda_graphs,
     )
     return 0
