@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from slidessl.models.lse import attention_with_lse
 
 __all__ = [
-    "branch_index",
+    "branch_layout",
     "dense_attention",
     "dilated_attention",
     "validate_branches",
 ]
 
-_INDEX_CACHE: dict = {}
 _BIAS_CACHE: dict = {}
 # below this many (batch x heads x N x N) mask elements, dilated attention runs as ONE fused
 # SDPA call with a multiplicity bias (exact, see `multiplicity_bias`): far fewer kernels
@@ -50,35 +49,62 @@ def validate_branches(segments, dilations) -> tuple[tuple[int, ...], tuple[int, 
     return segments, dilations
 
 
-def branch_index(n: int, heads: int, segment: int, dilation: int, device) -> tuple:
-    """Sparse-segment layout of one branch.
+def branch_layout(n: int, heads: int, segment: int, dilation: int) -> tuple[int, int, int]:
+    """Padded layout of one branch: ``(n_seg, w, w_pad)``.
 
-    Returns ``(index, valid, all_valid, n_seg, seg_len)`` where ``index`` is a ``(n_seg * seg_len,
-    heads)`` long tensor of sequence positions (clamped into range) and ``valid`` a bool
-    tensor of the same shape marking real positions. Head ``h`` belongs to group
-    ``h // ceil(heads / r)`` (torchscale pads heads to a multiple of ``r``), and keeps the
-    in-segment offsets ``group + r * l``.
+    The sequence is padded (masked) to ``n_seg * w`` tokens so that segments of ``w =
+    min(segment, n)`` tokens are a view, and each segment to ``w_pad = r * ceil(w / r)``
+    tokens so that its sparse rows are a ``(L, r)`` view: head ``h`` belongs to group
+    ``h // ceil(heads / r)`` (torchscale pads heads to a multiple of ``r``) and keeps the
+    in-segment offsets ``group + r * l``, i.e. column ``group`` of that view.
     """
-    key = (n, heads, segment, dilation, str(device))
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None:
-        return hit
     w = min(segment, n)
     n_seg = -(-n // w)
-    r = dilation
-    seg_len = -(-w // r)
-    per_group = -(-heads // r)
-    group = torch.arange(heads) // per_group  # (H,)
-    offset = group[None, :] + r * torch.arange(seg_len)[:, None]  # (L, H)
-    pos = torch.arange(n_seg)[:, None, None] * w + offset[None]  # (S, L, H)
-    valid = (offset[None] < w) & (pos < n)
-    index = torch.where(valid, pos, torch.zeros_like(pos)).reshape(n_seg * seg_len, heads)
-    valid = valid.reshape(n_seg * seg_len, heads)
-    out = (index.to(device), valid.to(device), bool(valid.all()), n_seg, seg_len)
-    if len(_INDEX_CACHE) > 256:
-        _INDEX_CACHE.clear()
-    _INDEX_CACHE[key] = out
-    return out
+    return n_seg, w, -(-w // dilation) * dilation
+
+
+def _head_group(heads: int, dilation: int, device) -> torch.Tensor:
+    return torch.arange(heads, device=device) // -(-heads // dilation)
+
+
+def _pad_segments(x, n_seg, w, w_pad):
+    """``(B, N, ...)`` -> ``(B, n_seg, w_pad, ...)``, zero-padded at the end of the sequence
+    and of every segment (a view when nothing needs padding)."""
+    b, n = x.shape[:2]
+    rest = x.shape[2:]
+    tail = [0, 0] * len(rest)
+    if n_seg * w != n:
+        x = F.pad(x, tail + [0, n_seg * w - n])
+    x = x.view(b, n_seg, w, *rest)
+    if w_pad != w:
+        x = F.pad(x, tail + [0, w_pad - w])
+    return x
+
+
+def _unpad_segments(x, n, w):
+    """Inverse of `_pad_segments`: ``(B, n_seg, w_pad, ...)`` -> ``(B, N, ...)``."""
+    b, n_seg = x.shape[:2]
+    if x.shape[2] != w:
+        x = x[:, :, :w]
+    return x.reshape(b, n_seg * w, *x.shape[3:])[:, :n]
+
+
+def _sparse_rows(x, r, group):
+    """``(B, S, L * r, H, D)`` -> ``(B * S, H, L, D)``: head ``h`` keeps column ``group[h]``
+    of the ``(L, r)`` view of its segment. A diagonal (strided view) when the heads split
+    evenly into ``r`` groups, one ``index_select`` otherwise; never a sort-based kernel."""
+    b, s, wp, h, d = x.shape
+    rows = wp // r
+    if r == 1:
+        sel = x.permute(0, 1, 3, 2, 4)  # (B, S, H, L, D)
+    elif h % r == 0:
+        diag = x.view(b, s, rows, r, r, h // r, d).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,D,r)
+        sel = diag.permute(0, 1, 5, 3, 2, 4)  # (B, S, r, H/r, L, D)
+    else:
+        flat = x.reshape(b, s, rows, r * h, d)
+        index = group * h + torch.arange(h, device=x.device)
+        sel = flat.index_select(3, index).permute(0, 1, 3, 2, 4)
+    return sel.reshape(b * s, h, rows, d)
 
 
 def multiplicity_bias(n, heads, segments, dilations, device, dtype):
@@ -139,48 +165,42 @@ def dense_attention(q, k, v, padding_mask=None):
     return out
 
 
-def _branch(q, k, v, padding_mask, segment, dilation, exact_grad):
-    """One LongNet branch.
+def _branch(q, k, v, valid, segment, dilation, exact_grad):
+    """One LongNet branch on the padded layout of `branch_layout`.
 
-    Returns ``(kind, out, lse, aux)``. ``kind == "view"`` (r = 1, whole segments): ``out``
-    is (B, S, H, w, D) and ``lse`` (B, S, H, w), both a free view of the sequence. ``kind
-    == "gather"``: ``out`` is (B, H, M, D), ``lse`` (B, H, M) in sparse order and ``aux``
-    the (H, M) position index. Invalid sparse slots and padded queries have ``lse = -inf``.
+    ``valid`` is None (every token real) or a bool ``(B|1, N)`` key mask. Returns ``out``
+    (B, S, L, H, D) and ``lse`` (B, S, L, r, H): position ``(s, l, t)`` of the padded
+    sequence, head ``h``; ``lse`` is ``-inf`` wherever the head does not cover that
+    position, at padded queries and at padding.
     """
     b, n, h, d = q.shape
-    w = min(segment, n)
-    if dilation == 1 and n % w == 0:
-        n_seg = n // w
-        # (B, N, H, D) -> (B*S, H, w, D): a strided view, no copy
-        qs, ks, vs = (
-            t.view(b, n_seg, w, h, d).transpose(2, 3).reshape(b * n_seg, h, w, d) for t in (q, k, v)
-        )
-        mask = None
-        if padding_mask is not None:
-            mask = (~padding_mask).view(b * n_seg, 1, 1, w)
-        out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
-        out, lse = out.reshape(b, n_seg, h, w, d), lse.reshape(b, n_seg, h, w)
-        if mask is not None:
-            lse = lse.masked_fill(padding_mask.view(b, n_seg, 1, w), float("-inf"))
-        return "view", out, lse, None
-    index, valid, all_valid, n_seg, seg_len = branch_index(n, h, segment, dilation, q.device)
-    index_hm, valid_hm = index.T.contiguous(), valid.T.contiguous()  # (H, M)
-    m = index_hm.shape[1]
-    heads = torch.arange(h, device=q.device)[:, None]
-    # gather straight into (B, H, S*L, D) = (B, H*S, L, D): heads and segments are batch dims
-    qs, ks, vs = (t[:, index_hm, heads].view(b, h * n_seg, seg_len, d) for t in (q, k, v))
+    r = dilation
+    n_seg, w, w_pad = branch_layout(n, h, segment, r)
+    rows = w_pad // r
+    group = _head_group(h, r, q.device)
+    qs, ks, vs = (_sparse_rows(_pad_segments(t, n_seg, w, w_pad), r, group) for t in (q, k, v))
     key_valid = None
-    if padding_mask is not None:
-        pm = torch.gather(padding_mask, 1, index_hm.reshape(1, -1).expand(b, -1))
-        key_valid = valid_hm[None] & ~pm.view(b, h, m)
-    elif not all_valid:
-        key_valid = valid_hm[None].expand(b, h, m)
-    mask = None if key_valid is None else key_valid.reshape(b, h * n_seg, 1, seg_len)
+    if valid is not None or n_seg * w != n or w_pad != w:
+        if valid is None:
+            valid = torch.ones(1, n, dtype=torch.bool, device=q.device)
+        vb = valid.shape[0]
+        vp = _pad_segments(valid.to(torch.uint8), n_seg, w, w_pad).view(vb, n_seg, rows, r)
+        key_valid = vp.index_select(3, group).bool()  # (B|1, S, L, H)
+        mask = key_valid.permute(0, 1, 3, 2).unsqueeze(3)  # (B|1, S, H, 1, L)
+        mask = mask.expand(b, n_seg, h, 1, rows).reshape(b * n_seg, h, 1, rows)
+    else:
+        mask = None
     out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
-    out, lse = out.reshape(b, h, m, d), lse.reshape(b, h, m)
+    out = out.view(b, n_seg, h, rows, d).permute(0, 1, 3, 2, 4)
+    lse = lse.view(b, n_seg, h, rows).permute(0, 1, 3, 2)
     if key_valid is not None:
         lse = lse.masked_fill(~key_valid, float("-inf"))
-    return "gather", out, lse, index_hm
+    if r > 1:
+        covers = torch.arange(r, device=q.device)[:, None] == group[None, :]  # (r, H)
+        lse = torch.where(covers, lse.unsqueeze(3), float("-inf"))
+    else:
+        lse = lse.unsqueeze(3)
+    return out, lse
 
 
 def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
@@ -188,6 +208,8 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
 
     ``exact_grad=True`` back-propagates through the branch weights (the LSE); the
     published code treats them as constants, which ``exact_grad=False`` reproduces.
+    Each branch runs on a padded copy of the sequence (masked) in which its sparse
+    segments are strided views; branch outputs are combined by broadcasting, no scatter.
     """
     segments, dilations = validate_branches(segments, dilations)
     b, n, h, d = q.shape
@@ -197,35 +219,23 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
         return dense_attention(q, k, v, padding_mask)
     if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
         return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
-    parts = [_branch(q, k, v, padding_mask, s, r, exact_grad) for s, r in zip(segments, dilations)]
-    # per position and head: log of the summed softmax denominators over branches, (B, H, N)
+    valid = None if padding_mask is None else ~padding_mask
+    parts = [_branch(q, k, v, valid, s, r, exact_grad) for s, r in zip(segments, dilations)]
+    # per position and head: log of the summed softmax denominators over branches, (B, N, H)
     dense_lse = []
-    for kind, _out, lse, index_hm in parts:
-        if kind == "view":
-            dense_lse.append(lse.transpose(1, 2).reshape(b, h, n))
-        else:
-            target = torch.where(lse.isfinite(), index_hm[None].expand(b, -1, -1), n)
-            full = lse.new_full((b, h, n + 1), float("-inf"))
-            dense_lse.append(full.scatter(2, target, lse)[..., :n])
+    for (_out, lse), s in zip(parts, segments):
+        w = min(s, n)
+        dense_lse.append(_unpad_segments(lse.flatten(2, 3), n, w))
     log_z = torch.logsumexp(torch.stack(dense_lse), dim=0)
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
     result = None
-    for kind, out, lse, _index in parts:
-        if kind == "view":
-            n_seg, w = out.shape[1], out.shape[3]
-            z = log_z.view(b, h, n_seg, w).transpose(1, 2)
-            term = (out * torch.exp(lse - z).unsqueeze(-1).to(out.dtype)).transpose(2, 3)
-            term = term.reshape(b, n, h, d)
-            result = term if result is None else result + term
-    if result is None:
-        result = q.new_zeros((b, n, h, d))
-    for kind, out, lse, index_hm in parts:
-        if kind == "gather":
-            weight = torch.exp(lse - torch.gather(log_z, 2, index_hm[None].expand(b, -1, -1)))
-            term = out * weight.unsqueeze(-1).to(out.dtype)
-            rows = torch.arange(b, device=q.device)[:, None, None]
-            heads = torch.arange(h, device=q.device)[None, :, None]
-            result = result.index_put((rows, index_hm[None], heads), term, accumulate=True)
+    for (out, lse), s, r in zip(parts, segments, dilations):
+        n_seg, w, w_pad = branch_layout(n, h, s, r)
+        z = _pad_segments(log_z, n_seg, w, w_pad).view(lse.shape)
+        weight = torch.exp(lse - z).to(out.dtype)  # (B, S, L, r, H), 0 where not covered
+        term = out.unsqueeze(3) * weight.unsqueeze(-1)  # (B, S, L, r, H, D)
+        term = _unpad_segments(term.flatten(2, 3), n, w)
+        result = term if result is None else result + term
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
     return result
