@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slidessl.models.attention import validate_branches
 from slidessl.models.blocks import Block
+from slidessl.models.gridconv import GridContext
 from slidessl.models.posenc import POS_MODES, sincos_2d
 
 __all__ = ["SlideEncoder", "build_encoder", "PRESETS", "DEFAULT_SEGMENTS", "DEFAULT_DILATIONS"]
@@ -56,6 +57,7 @@ _DEFAULTS = dict(
     dropout=0.0,
     grad_checkpointing=False,
     exact_grad=True,
+    grid_context=0,  # odd k > 0: a k x k depthwise conv over the tile grid before the blocks
 )
 
 PRESETS: dict[str, dict] = {
@@ -119,6 +121,8 @@ class SlideEncoder(nn.Module):
         self.patch_embed = nn.Linear(self.in_dim, e)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, e))
+        k = int(cfg["grid_context"])
+        self.grid_context = GridContext(e, k) if k else None
         dilated = cfg["attention"] == "dilated"
         dpr = np.linspace(0.0, cfg["drop_path_rate"], self.depth) if self.depth else []
         self.blocks = nn.ModuleList(
@@ -151,6 +155,8 @@ class SlideEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.zeros_(self.mask_token)
+        if self.grid_context is not None:
+            self.grid_context.reset_parameters()
         if self.config["subln"] and self.config["subln_init"] and self.depth:
             gain = math.sqrt(math.log(2 * self.depth))
             for blk in self.blocks:
@@ -189,6 +195,8 @@ class SlideEncoder(nn.Module):
         if token_mask is not None:
             h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype), h)
         h = h + sincos_2d(coords, self.embed_dim, self.config["pos_mode"]).to(h.dtype)
+        if self.grid_context is not None:
+            h = h + self.grid_context(h, coords, padding_mask)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
         mask = None
         if padding_mask is not None:
