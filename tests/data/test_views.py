@@ -154,6 +154,28 @@ def test_feature_noise_is_relative_to_feature_std(rng):
     assert 0.17 < float(ratio) < 0.23
 
 
+def test_feature_shift_and_gain_are_one_draw_per_crop(rng):
+    slide = random_slide(rng, size=60)
+    cfg = MultiCropConfig(
+        feature_shift=0.5, feature_gain=0.3, n_local=4, local_scale=(0.3, 0.5), **NO_AUG
+    )
+    out = MultiCrop(cfg)(slide, rng)
+    spread = slide["features"].std(dim=0)
+    shifts = []
+    for _, crop in _all_crops(out):
+        src = slide["features"][crop["rows"]]
+        # x' = g * x + s with one g and one s per crop: least squares, then an exact check
+        dx, dy = src - src.mean(0), crop["features"] - crop["features"].mean(0)
+        gain = float((dx * dy).sum() / (dx * dx).sum())
+        shift = crop["features"].mean(0) - gain * src.mean(0)
+        torch.testing.assert_close(crop["features"], gain * src + shift, rtol=1e-4, atol=1e-4)
+        assert 0.7 - 1e-4 <= gain <= 1.3 + 1e-4
+        shifts.append(shift / spread)
+    shifts = torch.stack(shifts)
+    assert 0.3 < float(shifts.std()) < 0.7  # N(0, 0.5 std) per dimension
+    assert not torch.allclose(shifts[0], shifts[1])  # a fresh draw for every crop
+
+
 def test_token_drop_fraction(rng):
     slide = random_slide(rng, size=60)
     n = len(slide["grid"])
@@ -192,6 +214,8 @@ def test_same_seed_same_crops():
         ({"local_scale": (0.0, 0.2)}, "local_scale"),
         ({"layout": "square"}, "layout"),
         ({"token_drop": 1.0}, "token_drop"),
+        ({"feature_shift": -0.1}, "feature_shift"),
+        ({"feature_gain": 1.0}, "feature_gain"),
         ({"local_max_tiles": 4}, "local_max_tiles"),
         ({"packing": "random"}, "packing"),
         ({"mask_ratio": (0.2, 1.5)}, "mask_ratio"),

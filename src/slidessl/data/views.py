@@ -82,6 +82,8 @@ class MultiCropConfig:
     flip: bool = True
     rot90: bool = True
     feature_noise: float = 0.0
+    feature_shift: float = 0.0
+    feature_gain: float = 0.0
     token_drop: float = 0.0
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = field(default=(0.1, 0.5))
@@ -132,8 +134,11 @@ class MultiCropConfig:
                 )
         if self.band_height is not None and int(self.band_height) < 1:
             raise ValueError(f"crops.band_height must be >= 1, got {self.band_height}")
-        if self.feature_noise < 0:
-            raise ValueError(f"crops.feature_noise must be >= 0, got {self.feature_noise}")
+        for name in ("feature_noise", "feature_shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"crops.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.feature_gain < 1:
+            raise ValueError(f"crops.feature_gain must lie in [0, 1), got {self.feature_gain}")
         if not 0 <= self.token_drop < 1:
             raise ValueError(f"crops.token_drop must lie in [0, 1), got {self.token_drop}")
         if not 0 <= self.mask_probability <= 1:
@@ -245,11 +250,11 @@ class MultiCrop:
             pos_grid = crop_grid if cfg.position_coords == "packed" else true_grid
         else:
             crop_grid = pos_grid = true_grid
-        noise_std = None
-        if cfg.feature_noise > 0:  # per-dimension std, estimated on <= 4096 evenly spaced rows
+        spread = None
+        if cfg.feature_noise > 0 or cfg.feature_shift > 0:
+            # per-dimension std, estimated on <= 4096 evenly spaced rows
             sample = feats[:: max(1, len(feats) // 4096)]
             spread = sample.std(dim=0) if len(sample) > 1 else torch.zeros(feats.shape[1])
-            noise_std = cfg.feature_noise * spread
         n = len(feats)
         out = {
             "slide_id": slide.get("slide_id"),
@@ -271,16 +276,36 @@ class MultiCrop:
                         cap_tiles(crop_grid[rows] - crop_grid[rows].min(axis=0), max_tiles, rng)
                     ]
                 out[kind].append(
-                    self._finish(feats, pos_grid, rows, noise_std, kind == "global", rng)
+                    self._finish(feats, pos_grid, rows, spread, kind == "global", rng)
                 )
         return out
+
+    def _jitter(self, x: torch.Tensor, spread, rng: np.random.Generator) -> torch.Tensor:
+        """Embedding-level photometric augmentation, in place on the crop's own copy.
+
+        ``feature_gain``: one gain ``1 + U(-g, g)`` for the whole crop; ``feature_shift``: one
+        offset ``N(0, (s * std_d)^2)`` per dimension for the whole crop — the embedding-space
+        analogue of colour jitter, so a slide's stain or scanner shift is no longer a cue
+        shared by all its crops; ``feature_noise``: i.i.d. per-tile Gaussian noise.
+        """
+        cfg = self.cfg
+        if cfg.feature_gain > 0:
+            x.mul_(1.0 + float(rng.uniform(-cfg.feature_gain, cfg.feature_gain)))
+        if spread is None:
+            return x
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        if cfg.feature_shift > 0:
+            x += torch.randn(x.shape[1], generator=gen).mul_(cfg.feature_shift * spread)
+        if cfg.feature_noise > 0:
+            x += torch.randn(x.shape, generator=gen).mul_(cfg.feature_noise * spread)
+        return x
 
     def _finish(
         self,
         feats: torch.Tensor,
         pos_grid: np.ndarray,
         rows: np.ndarray,
-        noise_std: torch.Tensor | None,
+        spread: torch.Tensor | None,
         is_global: bool,
         rng: np.random.Generator,
     ) -> dict:
@@ -297,9 +322,7 @@ class MultiCrop:
         perm = spatial_order(coords, cfg.order)
         rows, coords = rows[perm], coords[perm]
         x = feats[torch.from_numpy(rows)]
-        if noise_std is not None:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
-            x += torch.randn(x.shape, generator=gen).mul_(noise_std)
+        x = self._jitter(x, spread, rng)
         crop = {
             "features": x,
             "coords": torch.from_numpy(coords.astype(np.int64)),
