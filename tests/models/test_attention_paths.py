@@ -21,6 +21,15 @@ def test_branch_layout_pads_to_whole_segments():
     assert branch_layout(12, 4, 12, 3) == (1, 12, 12)
 
 
+def test_pieces_split_off_the_partial_segment():
+    assert attention_mod._pieces(8193, 1024) == [(0, 8192, 1024), (8192, 8193, 1)]
+    assert attention_mod._pieces(8193, 65536) == [(0, 8193, 8193)]
+    assert attention_mod._pieces(2048, 1024) == [(0, 2048, 1024)]
+    # the attention work counted for the CLS length drops to the partial segment's own size
+    full = attention_mod.attention_flops(8192, 4, [1024], [1])
+    assert attention_mod.attention_flops(8193, 4, [1024], [1]) == full + 4.0 * 4
+
+
 @pytest.mark.parametrize("h,r", [(4, 1), (8, 4), (6, 4), (3, 8), (2, 2)])
 def test_sparse_rows_pick_each_heads_offsets(h, r):
     b, s, rows, d = 2, 3, 5, 4

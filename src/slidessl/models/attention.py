@@ -203,13 +203,36 @@ def _branch(q, k, v, valid, segment, dilation, exact_grad):
     return out, lse
 
 
+def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
+    """Split one branch into ``(start, stop, segment)`` pieces: the whole segments (views,
+    no padding) and the partial last segment, run as one segment of its own length."""
+    w = min(segment, n)
+    full = (n // w) * w
+    pieces = [(0, full, w)] if full else []
+    if full < n:
+        pieces.append((full, n, n - full))
+    return pieces
+
+
+def _join(tensors, parts, n):
+    """Concatenate each branch's pieces (consecutive in ``parts``) along the sequence."""
+    joined, run = [], []
+    for tensor, part in zip(tensors, parts):
+        run.append(tensor)
+        if part[1] == n:
+            joined.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
+            run = []
+    return joined
+
+
 def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
     """LongNet dilated attention over ``(B, N, H, D)`` tensors; returns ``(B, N, H, D)``.
 
     ``exact_grad=True`` back-propagates through the branch weights (the LSE); the
     published code treats them as constants, which ``exact_grad=False`` reproduces.
-    Each branch runs on a padded copy of the sequence (masked) in which its sparse
-    segments are strided views; branch outputs are combined by broadcasting, no scatter.
+    Each branch runs on its whole segments (views of the sequence) and, apart, on the
+    partial last segment (padded to a multiple of ``r``, masked); sparse segments are
+    strided views and branch outputs are combined by broadcasting, no scatter.
     """
     segments, dilations = validate_branches(segments, dilations)
     b, n, h, d = q.shape
@@ -220,21 +243,31 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
         return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
     valid = None if padding_mask is None else ~padding_mask
-    parts = [_branch(q, k, v, valid, s, r, exact_grad) for s, r in zip(segments, dilations)]
+    parts = []  # (start, stop, segment, dilation, out, lse) for every piece of every branch
+    for s, r in zip(segments, dilations):
+        for start, stop, seg in _pieces(n, s):
+            pv = None if valid is None else valid[:, start:stop]
+            out, lse = _branch(
+                q[:, start:stop], k[:, start:stop], v[:, start:stop], pv, seg, r, exact_grad
+            )
+            parts.append((start, stop, seg, r, out, lse))
     # per position and head: log of the summed softmax denominators over branches, (B, N, H)
-    dense_lse = []
-    for (_out, lse), s in zip(parts, segments):
-        w = min(s, n)
-        dense_lse.append(_unpad_segments(lse.flatten(2, 3), n, w))
-    log_z = torch.logsumexp(torch.stack(dense_lse), dim=0)
+    dense_lse = [
+        _unpad_segments(lse.flatten(2, 3), stop - start, min(seg, stop - start))
+        for start, stop, seg, _r, _out, lse in parts
+    ]
+    log_z = torch.logsumexp(torch.stack(_join(dense_lse, parts, n)), dim=0)
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
-    result = None
-    for (out, lse), s, r in zip(parts, segments, dilations):
-        n_seg, w, w_pad = branch_layout(n, h, s, r)
-        z = _pad_segments(log_z, n_seg, w, w_pad).view(lse.shape)
+    terms = []
+    for start, stop, seg, r, out, lse in parts:
+        m = stop - start
+        n_seg, w, w_pad = branch_layout(m, h, seg, r)
+        z = _pad_segments(log_z[:, start:stop], n_seg, w, w_pad).view(lse.shape)
         weight = torch.exp(lse - z).to(out.dtype)  # (B, S, L, r, H), 0 where not covered
         term = out.unsqueeze(3) * weight.unsqueeze(-1)  # (B, S, L, r, H, D)
-        term = _unpad_segments(term.flatten(2, 3), n, w)
+        terms.append(_unpad_segments(term.flatten(2, 3), m, w))
+    result = None
+    for term in _join(terms, parts, n):
         result = term if result is None else result + term
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
@@ -242,13 +275,16 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
 
 
 def attention_flops(n: int, dim: int, segments=None, dilations=None) -> float:
-    """Multiply-add FLOPs (x2) of the attention core (QK^T and PV) for one sequence."""
+    """Multiply-add FLOPs (x2) of the attention core (QK^T and PV) for one sequence.
+
+    Dilated: every whole segment costs ``ceil(w / r)^2`` per head group and the partial last
+    segment ``ceil(rest / r)^2`` (it runs as a segment of its own length, see `_pieces`).
+    """
     if segments is None:
         return 4.0 * n * n * dim
     total = 0.0
     for s, r in zip(segments, dilations):
-        w = min(s, n)
-        n_seg = math.ceil(n / w)
-        seg_len = math.ceil(w / r)
-        total += 4.0 * n_seg * seg_len * seg_len * dim
+        for start, stop, seg in _pieces(n, s):
+            w = min(seg, stop - start)
+            total += 4.0 * ((stop - start) // w) * math.ceil(w / r) ** 2 * dim
     return total
