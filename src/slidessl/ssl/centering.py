@@ -27,14 +27,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slidessl.ssl.sinkhorn import sinkhorn_knopp
+
 __all__ = ["CenteredLoss"]
 
 
 class CenteredLoss(nn.Module):
     """Base for losses that centre teacher logits: owns ``center`` (1, K) and the pending sum."""
 
-    def __init__(self, out_dim: int, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, out_dim: int, center_momentum: float = 0.9, student_temp: float = 0.1
+    ) -> None:
         super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = float(student_temp)
         if out_dim < 1:
             raise ValueError(f"out_dim must be >= 1, got {out_dim}")
         if not 0.0 <= center_momentum <= 1.0:
@@ -61,6 +68,11 @@ class CenteredLoss(nn.Module):
         self._pending_sum = total if self._pending_sum is None else self._pending_sum + total
         self._pending_count += rows.shape[0]
 
+    def discard_pending(self) -> None:
+        """Forget what was accumulated since the last update (a skipped, non-finite step)."""
+        self._pending_sum = None
+        self._pending_count = 0
+
     @property
     def pending_count(self) -> int:
         """Rows accumulated on this rank since the last ``apply_center_update``."""
@@ -82,13 +94,21 @@ class CenteredLoss(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)
-        self._pending_sum = None
-        self._pending_count = 0
+        self.discard_pending()
         if count.item() == 0:
             return
         mean = (total / count).to(self.center.dtype)
         m = self.center_momentum
         self.center.mul_(m).add_(mean, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, t_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Teacher probabilities by Sinkhorn-Knopp over all rows (..., K) of all ranks (row
+        counts may differ between ranks), instead of centering; same shape as the input."""
+        rows = self._check_logits(t_logits, "sinkhorn_knopp_teacher")
+        return sinkhorn_knopp(rows, teacher_temp, n_iterations).reshape(t_logits.shape)
 
     @torch.no_grad()
     def softmax_center_teacher(self, t_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:

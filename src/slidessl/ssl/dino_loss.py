@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from slidessl.ssl.centering import CenteredLoss
-from slidessl.ssl.sinkhorn import sinkhorn_knopp
 
 __all__ = ["DINOLoss"]
 
@@ -36,19 +35,7 @@ class DINOLoss(CenteredLoss):
     """Cross-entropy between teacher probabilities and student logits (B, K)."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__(out_dim, center_momentum)
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = float(student_temp)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(
-        self, t_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
-    ) -> torch.Tensor:
-        """Teacher probabilities by Sinkhorn-Knopp over the (global) batch instead of centering."""
-        return sinkhorn_knopp(
-            self._check_logits(t_logits, "sinkhorn_knopp_teacher"), teacher_temp, n_iterations
-        ).reshape(t_logits.shape)
+        super().__init__(out_dim, center_momentum, student_temp)
 
     def forward(
         self, student_logits_list: list[torch.Tensor], teacher_probs_list: list[torch.Tensor]

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from slidessl.ssl.centering import CenteredLoss
-from slidessl.ssl.sinkhorn import sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -34,18 +33,7 @@ class iBOTPatchLoss(CenteredLoss):  # noqa: N801 - the paper's spelling
     """Patch-token self-distillation on masked tokens; same centre API as ``DINOLoss``."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__(out_dim, center_momentum)
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = float(student_temp)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(
-        self, t_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
-    ) -> torch.Tensor:
-        """Sinkhorn-Knopp over the masked teacher tokens (M, K) of all ranks (M may differ)."""
-        rows = self._check_logits(t_logits, "sinkhorn_knopp_teacher")
-        return sinkhorn_knopp(rows, teacher_temp, n_iterations).reshape(t_logits.shape)
+        super().__init__(out_dim, center_momentum, student_temp)
 
     def _token_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if s.shape != t.shape:

@@ -57,9 +57,8 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
 
 def _discard_pending_centers(arch: nn.Module) -> None:
     for loss in (arch.dino_loss, arch.ibot_loss):
-        if loss is not None and hasattr(loss, "_pending_sum"):
-            loss._pending_sum = None
-            loss._pending_count = 0
+        if loss is not None:
+            loss.discard_pending()
 
 
 def optimizer_step(
