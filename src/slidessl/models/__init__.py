@@ -1,6 +1,22 @@
-"""Slide encoders: dense / dilated (LongNet) attention, positions, blocks, export."""
+"""Slide encoders: dense / dilated (LongNet) attention, positions, blocks, export.
 
-from slidessl.models.encoder import PRESETS, SlideEncoder, build_encoder
-from slidessl.models.io import load_encoder, save_encoder
+Names resolve lazily, so that ``slidessl --help`` does not import torch.
+"""
 
-__all__ = ["PRESETS", "SlideEncoder", "build_encoder", "load_encoder", "save_encoder"]
+import importlib
+
+_EXPORTS = {
+    "PRESETS": "slidessl.models.encoder",
+    "SlideEncoder": "slidessl.models.encoder",
+    "build_encoder": "slidessl.models.encoder",
+    "load_encoder": "slidessl.models.io",
+    "save_encoder": "slidessl.models.io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'slidessl.models' has no attribute {name!r}")
