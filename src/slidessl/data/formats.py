@@ -74,10 +74,13 @@ class SlideRecord:
             data = readers.read_rows(self.path, self.container, None, self.num_file_rows)
         else:
             wanted = self._map_rows(np.arange(self.num_tiles) if rows is None else rows)
-            unique, inverse = np.unique(wanted, return_inverse=True)
-            block = readers.read_rows(self.path, self.container, unique, self.num_file_rows)
-            data = block[inverse]
-        out = np.asarray(data, dtype=np.float32)
+            if len(wanted) < 2 or bool(np.all(wanted[1:] > wanted[:-1])):
+                data = readers.read_rows(self.path, self.container, wanted, self.num_file_rows)
+            else:  # unsorted or repeated rows: read each once, in order, then rearrange
+                unique, inverse = np.unique(wanted, return_inverse=True)
+                block = readers.read_rows(self.path, self.container, unique, self.num_file_rows)
+                data = block[inverse]
+        out = _as_float32(data)
         if out.shape[1:] != (self.feature_dim,):
             raise SlideError(self.path, f"features changed shape on read: {out.shape}")
         finite = _finite_rows(out)
@@ -92,6 +95,16 @@ class SlideRecord:
     def scan_nonfinite(self) -> np.ndarray:
         """Record rows whose features hold NaN or Inf (reads the whole file in chunks)."""
         return _scan_nonfinite(self.path, self.container, self.num_file_rows, self.file_rows)
+
+
+def _as_float32(data: np.ndarray) -> np.ndarray:
+    """float32 copy; fp16 goes through torch, whose vectorised half conversion is several
+    times faster than numpy's."""
+    if data.dtype == np.float16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(data)).float().numpy()
+    return np.asarray(data, dtype=np.float32)
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
