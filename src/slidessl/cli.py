@@ -57,3 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as exc:
+        # bad input (a missing file, a wrong option, a slide that fails validation): one
+        # line naming the problem; --verbose shows the traceback
+        if args.verbose:
+            raise
+        print(f"slidessl {args.command}: {exc}", file=sys.stderr)
+        return 2
