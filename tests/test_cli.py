@@ -31,7 +31,9 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(tmp_path, capsys):
 
     manifest = make_cohort(tmp_path / "c", 3, seed=1, dim=8, min_tiles=200, max_tiles=220)
     missing = tmp_path / "no_such_embeddings.h5"
-    code = main(["probe", str(missing), str(manifest), "--task", "tumor_high", "--out", str(tmp_path / "o")])
+    code = main(
+        ["probe", str(missing), str(manifest), "--task", "tumor_high", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err and "Traceback" not in err
 
