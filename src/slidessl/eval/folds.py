@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from slidessl.atomic import atomic_write_bytes
 from slidessl.eval.tasks import Task, stratification_key
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 def resolve_folds(task: Task, path: str | Path | None, k: int = 10, seed: int = 0) -> np.ndarray:

@@ -25,14 +25,17 @@ FORMAT = "slidessl.SlideEncoder"
 
 def save_encoder(encoder: SlideEncoder, folder) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from slidessl.atomic import atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    atomic_write_bytes(folder / WEIGHTS_NAME, save(state, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "version": 1, "config": encoder.config}
-    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(folder / CONFIG_NAME, text.encode())
     return folder
 
 

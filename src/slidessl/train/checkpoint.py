@@ -11,14 +11,14 @@ scaler, loss centres, step, epoch, sampler position, data-order seed and all RNG
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from slidessl.atomic import atomic_write
 
 __all__ = [
     "capture_rng_state",
@@ -73,36 +73,11 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, folder: str | Path, step: int, keep: int = 3) -> Path:
     """Write ``state`` atomically as ``folder/ckpt-<step>.pt``; delete all but the last ``keep``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"ckpt-{int(step):08d}.pt"
-    fd, tmp_name = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(folder)
+    final = atomic_write(folder / f"ckpt-{int(step):08d}.pt", lambda h: torch.save(state, h))
     if keep > 0:
         for old in list_checkpoints(folder)[:-keep]:
             old.unlink(missing_ok=True)
