@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidessl.data.collate import pad_crops
 from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
 
 log = logging.getLogger(__name__)
@@ -95,15 +96,8 @@ def _spec_key(spec: str) -> str:
 
 def pad_batch(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slide dicts -> features (B, N, D), grid (B, N, 2), padding_mask (B, N) True = pad."""
-    n = max(len(it["features"]) for it in items)
-    d = items[0]["features"].shape[1]
-    x = torch.zeros(len(items), n, d)
-    g = torch.zeros(len(items), n, 2, dtype=torch.long)
-    mask = torch.ones(len(items), n, dtype=torch.bool)
-    for b, it in enumerate(items):
-        k = len(it["features"])
-        x[b, :k], g[b, :k], mask[b, :k] = it["features"], it["grid"], False
-    return x, g, mask
+    batch = pad_crops([{"features": it["features"], "coords": it["grid"]} for it in items])
+    return batch["features"], batch["coords"], batch["padding_mask"]
 
 
 @torch.no_grad()
