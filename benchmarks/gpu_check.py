@@ -14,6 +14,7 @@ import traceback
 import torch
 
 from slidessl.models.bench import bench_attention, bench_encoder
+from slidessl.models.lse import set_lse_grad
 
 
 def _stage(name, fn):
@@ -52,6 +53,16 @@ def main(argv=None) -> int:
             preset, enc_n, mem_n, dtype, device, repeats, batch_sizes=batches, graphs=True
         ),
     )
+    # exact LSE gradients from the fused backward kernel itself (no extra SDPA per branch);
+    # the CUDA tests above check this path against float64 math before it is timed here
+    set_lse_grad("kernel")
+    enc_k = _stage(
+        "bench encoder, kernel LSE gradients",
+        lambda: bench_encoder(
+            preset, enc_n[-1:], [], dtype, device, repeats, batch_sizes=batches, graphs=True
+        ),
+    )
+    set_lse_grad("auto")
     print("== summary ==")
     name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
     print(f"card: {name}; torch {torch.__version__}; dtype {dtype}")
@@ -65,7 +76,8 @@ def main(argv=None) -> int:
                 f"{100 * r['default_frac']:.0f}%"
             )
     rows, mem = enc if enc is not None else ([], [])
-    for r in rows:
+    kernel_rows = enc_k[0] if enc_k is not None else []
+    for r in rows + [dict(r, mode=r["mode"] + " kernel-lse") for r in kernel_rows]:
         what = f"encoder {preset} N={r['n']} batch {r['batch']} {r['mode']}"
         if r["sec"] is None:
             reason = r.get("error", "out of memory").strip().splitlines()

@@ -21,6 +21,7 @@ from slidessl.models.encoder import (
     GIGAPATH_SEGMENTS,
     build_encoder,
 )
+from slidessl.models.lse import lse_grad_mode
 
 __all__ = ["matmul_peak", "bench_attention", "bench_encoder", "encoder_flops"]
 
@@ -267,10 +268,11 @@ def bench_encoder(
     encoder = build_encoder(preset, exact_grad=exact_grad).to(device).train()
     for blk in encoder.blocks:  # deterministic timing: no stochastic depth, no dropout
         blk.drop_path.p = 0.0
+    grads = f"exact ({lse_grad_mode(device)})" if exact_grad else "inexact"
     out(
         f"device {_device_name(device)}, dtype {dtype}, preset {preset}, "
         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
-        f"matmul peak {peak / 1e12:.2f} TFLOP/s (measured)"
+        f"LSE gradients {grads}, matmul peak {peak / 1e12:.2f} TFLOP/s (measured)"
     )
     header = (
         f"{'N':>7} {'batch':>5} {'mode':>6} {'fwd+bwd s':>10} {'tokens/s':>10} "

@@ -55,6 +55,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="treat branch LSE weights as constants in backward (as torchscale)",
     )
+    enc.add_argument(
+        "--lse-grad",
+        default="auto",
+        choices=["auto", "kernel", "surrogate"],
+        help="how exact LSE gradients are computed (auto: kernel on CPU, surrogate on CUDA)",
+    )
     enc.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     enc.add_argument("--no-warmup", action="store_true", help="time the first step (slow CPUs)")
     enc.add_argument(
@@ -93,7 +99,9 @@ def _attention(args) -> int:
 
 def _encoder(args) -> int:
     from slidessl.models.bench import bench_encoder
+    from slidessl.models.lse import set_lse_grad
 
+    set_lse_grad(args.lse_grad)
     device, dtype = _device_dtype(args)
     if not args.batch or min(args.batch) < 1:
         print(f"bench encoder: --batch needs positive slide counts, got {args.batch}")

@@ -5,10 +5,20 @@ LongNet combines its branches with the log-sum-exp of each branch's scores
 return it, so this module calls the fused kernels that do (CPU flash kernel, CUDA flash /
 memory-efficient kernels) and falls back to an explicit matmul path elsewhere.
 
-The fused kernels treat the LSE as a constant in backward. With ``exact_grad=True`` the
-missing term is restored by a surrogate whose value is the LSE and whose gradient is the
-true one: ``d lse_q / d q = scale * sum_j p_qj k_j`` and ``d lse_q / d k_j = scale * p_qj q``,
-both obtained from one extra SDPA call with ``V = K``.
+The fused kernels treat the LSE as a constant in backward. ``exact_grad=True`` restores the
+missing term in one of two ways (``set_lse_grad``):
+
+- ``kernel`` (default on the CPU): an autograd function that calls the fused backward
+  kernel itself with a corrected softmax-backward term. With ``g = dL/dlse`` the score
+  gradient is ``dS_qj = p_qj (dO_q . v_j - D_q + g_q)``; the kernels compute
+  ``D_q = dO_q . O_q`` from the ``out`` they are given, so passing
+  ``O'_q = O_q - g_q dO_q / |dO_q|^2`` (or, where ``dO_q = 0``, an extra zero head
+  dimension carrying ``-g``) makes one backward call exact: no extra forward, no extra
+  backward.
+- ``surrogate`` (default on CUDA until ``benchmarks/gpu_check.sh`` has verified the kernel
+  path there): a term whose value is the LSE and whose gradient is the true one,
+  ``d lse_q / d q = scale * sum_j p_qj k_j`` and ``d lse_q / d k_j = scale * p_qj q``,
+  from one extra SDPA call with ``V = K``.
 """
 
 from __future__ import annotations
@@ -19,10 +29,19 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_with_lse", "set_backend", "get_backend"]
+__all__ = [
+    "attention_with_lse",
+    "get_backend",
+    "get_lse_grad",
+    "lse_grad_mode",
+    "set_backend",
+    "set_lse_grad",
+]
 
 _MASK_VALUE = -1.0e4  # large enough that exp underflows to 0, finite in fp16/bf16
 _BACKEND = {"name": os.environ.get("SLIDESSL_LSE_BACKEND", "auto")}
+_LSE_GRAD = {"name": os.environ.get("SLIDESSL_LSE_GRAD", "auto")}
+_LSE_GRAD_MODES = ("auto", "kernel", "surrogate")
 
 
 def set_backend(name: str) -> None:
@@ -34,6 +53,26 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _BACKEND["name"]
+
+
+def set_lse_grad(name: str) -> None:
+    """How exact LSE gradients are computed: ``"auto"`` (``kernel`` on the CPU,
+    ``surrogate`` on CUDA), ``"kernel"`` or ``"surrogate"``; see the module docstring."""
+    if name not in _LSE_GRAD_MODES:
+        raise ValueError(f"unknown LSE gradient mode {name!r}; use one of {_LSE_GRAD_MODES}")
+    _LSE_GRAD["name"] = name
+
+
+def get_lse_grad() -> str:
+    return _LSE_GRAD["name"]
+
+
+def lse_grad_mode(device) -> str:
+    """The LSE-gradient mode in effect on ``device`` (``auto`` resolved)."""
+    name = _LSE_GRAD["name"]
+    if name == "auto":
+        return "kernel" if device.type == "cpu" else "surrogate"
+    return name
 
 
 def _bias(key_valid, dtype, seq_len, pad_to=1):
@@ -84,6 +123,110 @@ def _fused(q, k, v, key_valid, scale):
     return None
 
 
+def _kernel_forward(q, k, v, bias, scale):
+    """Fused forward that also returns what its backward kernel needs: ``(out, lse, aux)``."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )
+        return out, lse, None
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale
+        )
+        return res[0], res[1], ("flash",) + tuple(res[2:8])
+    full = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[-2], -1)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, full, True, 0.0, False, scale=scale
+    )
+    return res[0], res[1], ("efficient", full, res[2], res[3])
+
+
+def _kernel_backward(d_out, q, k, v, bias, out, lse, aux, scale):
+    if aux is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            d_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+        )
+    if aux[0] == "flash":
+        cum_q, cum_k, max_q, max_k, seed, offset = aux[1:]
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            d_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            False,
+            seed,
+            offset,
+            scale=scale,
+        )
+    _, full, seed, offset = aux
+    res = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        d_out,
+        q,
+        k,
+        v,
+        full,
+        out,
+        lse,
+        seed,
+        offset,
+        0.0,
+        [True, True, True, False],
+        False,
+        scale=scale,
+    )
+    return res[:3]
+
+
+class _KernelLse(torch.autograd.Function):
+    """Fused attention returning ``(out, lse)`` with exact gradients through both, from ONE
+    call of the fused backward kernel (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        out, lse, aux = _kernel_forward(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.aux, ctx.scale, ctx.length = aux, scale, q.shape[-2]
+        return out, lse[..., : q.shape[-2]].to(_acc(q.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        aux, scale = ctx.aux, ctx.scale
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        d_out = d_out.contiguous() if q.device.type != "cpu" else d_out
+        if d_lse is None:
+            dq, dk, dv = _kernel_backward(d_out, q, k, v, bias, out, lse, aux, scale)
+            return dq, dk, dv, None, None
+        acc = _acc(q.dtype)
+        g = d_lse.to(acc)
+        if q.device.type == "cpu":
+            norm2 = d_out.to(acc).square().sum(-1)
+            shift = torch.where(norm2 > 1e-30, g / norm2.clamp_min(1e-30), 0.0)
+            if not bool(((norm2 <= 1e-30) & (g != 0)).any()):
+                out_c = out - (shift.unsqueeze(-1) * d_out.to(acc)).to(out.dtype)
+                dq, dk, dv = _kernel_backward(d_out, q, k, v, bias, out_c, lse, aux, scale)
+                return dq, dk, dv, None, None
+        # exact everywhere: extra zero head dims (8 for the CUDA kernels' alignment); the
+        # first carries dO = 1 and O = -g, so D_q = dO_q . O_q - g_q; scores are unchanged
+        d = q.shape[-1]
+        extra = 1 if q.device.type == "cpu" else 8
+        q2, k2, v2, o2, do2 = (F.pad(t, (0, extra)) for t in (q, k, v, out, d_out))
+        o2[..., d] = -g.to(out.dtype)
+        do2[..., d] = 1.0
+        dq, dk, dv = _kernel_backward(do2, q2, k2, v2, bias, o2, lse, aux, scale)
+        return dq[..., :d], dk[..., :d], dv[..., :d], None, None
+
+
 def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     """Attention over ``(B, H, L, D)`` tensors; returns ``(out, lse)``.
 
@@ -96,6 +239,26 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
         return _manual(q, k, v, key_valid, scale)
     if q.device.type != "cpu":  # the CPU kernel reads strided inputs; keep CUDA conservative
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if (
+        exact_grad
+        and needs_grad
+        and q.device.type in ("cpu", "cuda")
+        and lse_grad_mode(q.device) == "kernel"
+    ):
+        pad_to = 1 if q.device.type == "cpu" else 16
+        bias = None if key_valid is None else _bias(key_valid, q.dtype, k.shape[-2], pad_to)
+        try:
+            return _KernelLse.apply(q, k, v, bias, scale)
+        except RuntimeError as exc:
+            if _BACKEND["name"] == "fused":
+                raise
+            warnings.warn(
+                f"fused attention with exact LSE gradients failed on {q.device} ({exc}); "
+                "using the surrogate path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     res = None
     try:
         res = _fused(q, k, v, key_valid, scale)
@@ -111,7 +274,6 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     if res is None:
         return _manual(q, k, v, key_valid, scale)
     out, lse = res
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if exact_grad and needs_grad:
         mask = None if key_valid is None else _bias(key_valid, q.dtype, k.shape[-2])
         pk = F.scaled_dot_product_attention(q.detach(), k.detach(), k, attn_mask=mask, scale=scale)

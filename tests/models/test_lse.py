@@ -1,0 +1,138 @@
+"""Attention with log-sum-exp: exact gradients through ``out`` and ``lse`` on every path."""
+
+import functools
+
+import pytest
+import torch
+
+from slidessl.models import lse as lse_mod
+from slidessl.models.attention import dilated_attention
+
+
+@pytest.fixture
+def lse_grad():
+    """Set the LSE-gradient mode for one test and restore the default after it."""
+    yield lse_mod.set_lse_grad
+    lse_mod.set_lse_grad("auto")
+
+
+def _math(q, k, v, key_valid):
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.softmax(scores, -1) @ v, lse
+
+
+def _inputs(b=2, h=3, n=29, d=8, dtype=torch.float64, masked=True):
+    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    key_valid = None
+    if masked:
+        key_valid = torch.rand(b, 1, 1, n) > 0.3
+        key_valid[..., 0] = True  # every row keeps at least one key
+    return q, k, v, key_valid
+
+
+def _grads(fn, q, k, v, w_out, w_lse):
+    out, lse = fn()
+    loss = (lse.to(w_lse.dtype) * w_lse).sum()
+    if w_out is not None:
+        loss = loss + (out * w_out).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    return out, lse, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
+
+
+@pytest.mark.parametrize("mode", ["kernel", "surrogate"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_exact_gradients_through_out_and_lse(mode, masked, lse_grad):
+    lse_grad(mode)
+    q, k, v, kv = _inputs(masked=masked)
+    w_out, w_lse = torch.randn_like(q), torch.randn(q.shape[:-1], dtype=q.dtype)
+    out, lse, got = _grads(lambda: lse_mod.attention_with_lse(q, k, v, kv), q, k, v, w_out, w_lse)
+    ref_out, ref_lse, ref = _grads(lambda: _math(q, k, v, kv), q, k, v, w_out, w_lse)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_kernel_backward_exact_where_the_output_gradient_is_zero(lse_grad):
+    """Rows with dL/dout = 0 but dL/dlse != 0 cannot carry the correction in ``out``; the
+    extra-head-dimension path handles them, also when only the LSE is used at all."""
+    lse_grad("kernel")
+    q, k, v, kv = _inputs()
+    w_out = torch.randn_like(q)
+    w_out[0, 1, :5] = 0.0  # five rows of one head: no gradient through out
+    w_lse = torch.randn(q.shape[:-1], dtype=q.dtype)
+    for wo in (w_out, None):
+        *_, got = _grads(lambda: lse_mod.attention_with_lse(q, k, v, kv), q, k, v, wo, w_lse)
+        *_, ref = _grads(lambda: _math(q, k, v, kv), q, k, v, wo, w_lse)
+        for a, e in zip(got, ref):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_kernel_backward_float32_and_bf16_close_to_float64(lse_grad):
+    lse_grad("kernel")
+    q, k, v, kv = _inputs(n=200, d=16)
+    w_out, w_lse = torch.randn_like(q), torch.randn(q.shape[:-1], dtype=q.dtype)
+    *_, ref = _grads(lambda: _math(q, k, v, kv), q, k, v, w_out, w_lse)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        fn = functools.partial(lse_mod.attention_with_lse, ql, kl, vl, kv)
+        *_, got = _grads(fn, ql, kl, vl, w_out.to(dtype), w_lse)
+        for a, e in zip(got, ref):
+            assert ((a.double() - e).norm() / e.norm()).item() < tol
+
+
+def _flash_calls(mode, lse_grad):
+    lse_grad(mode)
+    q, k, v = (torch.randn(1, 300, 4, 8, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        out = dilated_attention(q, k, v, [64, 256], [1, 2])
+        out.sum().backward()
+    names = [e.key for e in prof.key_averages() for _ in range(e.count)]
+    fwd = names.count("aten::_scaled_dot_product_flash_attention_for_cpu")
+    bwd = names.count("aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+    return fwd, bwd
+
+
+def test_kernel_mode_needs_no_extra_attention_call(lse_grad, monkeypatch):
+    """Kernel mode: one forward and one backward kernel per piece; the surrogate needs a
+    second forward (and its backward) per piece."""
+    from slidessl.models import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "SMALL_N_BIAS_ELEMENTS", 0)
+    # 300 tokens: branch 64 -> 4 whole segments + a partial one, branch 256 -> 1 + 1: 4 pieces
+    assert _flash_calls("kernel", lse_grad) == (4, 4)
+    assert _flash_calls("surrogate", lse_grad) == (8, 8)
+
+
+def test_unknown_lse_grad_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown LSE gradient mode"):
+        lse_mod.set_lse_grad("approximate")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["kernel", "surrogate"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_lse_gradients_match_math(mode, dtype, masked, lse_grad):
+    """Flash (no mask, half precision) and memory-efficient (mask or float32) kernels."""
+    lse_grad(mode)
+    q, k, v, kv = _inputs(b=2, h=4, n=333, d=48, masked=masked)
+    w_out, w_lse = torch.randn_like(q), torch.randn(q.shape[:-1], dtype=q.dtype)
+    w_out[0, 1, :5] = 0.0
+    *_, ref = _grads(lambda: _math(q, k, v, kv), q, k, v, w_out, w_lse)
+    qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
+    kvc = None if kv is None else kv.cuda()
+    *_, got = _grads(
+        lambda: lse_mod.attention_with_lse(qc, kc, vc, kvc),
+        qc,
+        kc,
+        vc,
+        w_out.cuda().to(dtype),
+        w_lse.cuda(),
+    )
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for a, e in zip(got, ref):
+        assert ((a.double().cpu() - e).norm() / e.norm()).item() < tol
