@@ -16,6 +16,7 @@ Tensors use the layout ``(B, N, H, D)`` (the natural view of a linear projection
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,42 +166,152 @@ def dense_attention(q, k, v, padding_mask=None):
     return out
 
 
-def _branch(q, k, v, valid, segment, dilation, exact_grad):
-    """One LongNet branch on the padded layout of `branch_layout`.
+class _Piece(NamedTuple):
+    """Tokens ``[start, stop)`` of one branch as ``n_seg`` segments of ``w`` tokens, each
+    padded to ``w_pad`` (a multiple of ``r``); ``group[h]`` is head ``h``'s offset."""
 
-    ``valid`` is None (every token real) or a bool ``(B|1, N)`` key mask. Returns ``out``
-    (B, S, L, H, D) and ``lse`` (B, S, L, r, H): position ``(s, l, t)`` of the padded
-    sequence, head ``h``; ``lse`` is ``-inf`` wherever the head does not cover that
-    position, at padded queries and at padding.
+    start: int
+    stop: int
+    r: int
+    n_seg: int
+    w: int
+    w_pad: int
+    group: torch.Tensor
+
+
+def _gather(x, p):
+    """``(B, N, H, D)`` -> the piece's sparse rows ``(B * S, H, L, D)`` (a view for r = 1)."""
+    return _sparse_rows(_pad_segments(x[:, p.start : p.stop], p.n_seg, p.w, p.w_pad), p.r, p.group)
+
+
+def _scatter_add_(dst, rows, p):
+    """In place: ``dst`` (B, N, H, D) += ``rows`` (B, S, L, H, D) at the piece's positions.
+    When ``r`` does not divide ``w`` the last ``w mod r`` positions of each segment (the
+    padded row) go through a zero buffer of ``r`` positions."""
+    b, _n, h, d = dst.shape
+    view = dst[:, p.start : p.stop].view(b, p.n_seg, p.w, h, d)
+    full = p.w // p.r
+    if full:
+        _add_rows_(view[:, :, : full * p.r], rows[:, :, :full], p.r, p.group)
+    if full * p.r != p.w:
+        tail = rows.new_zeros(b, p.n_seg, p.r, h, d)
+        _add_rows_(tail, rows[:, :, full:], p.r, p.group)
+        view[:, :, full * p.r :].add_(tail[:, :, : p.w - full * p.r])
+
+
+def _as_rows(t, p):
+    """``(B * S, H, L, D)`` kernel layout -> ``(B, S, L, H, D)`` (a view)."""
+    bs, h, rows, d = t.shape
+    return t.view(bs // p.n_seg, p.n_seg, h, rows, d).transpose(2, 3)
+
+
+class _GatherPieces(torch.autograd.Function):
+    """Sparse rows of every piece for each input: one gradient buffer per input in backward
+    (slicing, padding and ``diagonal`` per piece would each allocate a zero-filled gradient
+    of the whole input)."""
+
+    @staticmethod
+    def forward(ctx, pieces, *xs):
+        ctx.pieces, ctx.shapes = pieces, [x.shape for x in xs]
+        ctx.like = xs[0].new_empty(0)
+        return tuple(_gather(x, p) for p in pieces for x in xs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        k = len(ctx.shapes)
+        out = []
+        for j, shape in enumerate(ctx.shapes):
+            g = ctx.like.new_zeros(shape)
+            for i, p in enumerate(ctx.pieces):
+                if grads[i * k + j] is not None:
+                    _scatter_add_(g, _as_rows(grads[i * k + j], p), p)
+            out.append(g)
+        return (None, *out)
+
+
+class _AddRows(torch.autograd.Function):
+    """``result`` (B, N, H, D) += one piece's rows ``term`` (B, S, L, H, D), in place.
+
+    Autograd of an in-place add through a view clones the whole gradient of ``result``
+    (``CopySlices``) once per piece; here the gradient passes through unchanged and
+    ``term``'s gradient is read through the same strided view."""
+
+    @staticmethod
+    def forward(ctx, result, term, piece):
+        _scatter_add_(result, term, piece)
+        ctx.mark_dirty(result)
+        ctx.piece = piece
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad, _as_rows(_gather(grad, ctx.piece), ctx.piece), None
+
+
+def _branch(qs, ks, vs, valid, p, exact_grad):
+    """One LongNet piece on its sparse rows ``(B * S, H, L, D)`` (see `_gather`).
+
+    ``valid`` is None (every token real) or the piece's bool ``(B|1, stop - start)`` key
+    mask. Returns ``out`` (B, S, L, H, D), ``lse`` (B, S, L, H) of the rows each head keeps,
+    and ``lse_full`` (B, S, L, r, H) for every position ``(s, l, t)`` of the padded piece:
+    ``-inf`` wherever the head does not cover it, at padded positions and at padding.
     """
-    b, n, h, d = q.shape
-    r = dilation
-    n_seg, w, w_pad = branch_layout(n, h, segment, r)
-    rows = w_pad // r
-    group = _head_group(h, r, q.device)
-    qs, ks, vs = (_sparse_rows(_pad_segments(t, n_seg, w, w_pad), r, group) for t in (q, k, v))
+    bs, h, rows, _d = qs.shape
+    b, r = bs // p.n_seg, p.r
     key_valid = None
-    if valid is not None or n_seg * w != n or w_pad != w:
+    if valid is not None or p.w_pad != p.w:
         if valid is None:
-            valid = torch.ones(1, n, dtype=torch.bool, device=q.device)
+            valid = torch.ones(1, p.stop - p.start, dtype=torch.bool, device=qs.device)
         vb = valid.shape[0]
-        vp = _pad_segments(valid.to(torch.uint8), n_seg, w, w_pad).view(vb, n_seg, rows, r)
-        key_valid = vp.index_select(3, group).bool()  # (B|1, S, L, H)
+        vp = _pad_segments(valid.to(torch.uint8), p.n_seg, p.w, p.w_pad)
+        key_valid = vp.view(vb, p.n_seg, rows, r).index_select(3, p.group).bool()  # (B|1,S,L,H)
         mask = key_valid.permute(0, 1, 3, 2).unsqueeze(3)  # (B|1, S, H, 1, L)
-        mask = mask.expand(b, n_seg, h, 1, rows).reshape(b * n_seg, h, 1, rows)
+        mask = mask.expand(b, p.n_seg, h, 1, rows).reshape(bs, h, 1, rows)
     else:
         mask = None
     out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
-    out = out.view(b, n_seg, h, rows, d).permute(0, 1, 3, 2, 4)
-    lse = lse.view(b, n_seg, h, rows).permute(0, 1, 3, 2)
+    out = _as_rows(out, p)
+    lse = lse.view(b, p.n_seg, h, rows).permute(0, 1, 3, 2)
     if key_valid is not None:
         lse = lse.masked_fill(~key_valid, float("-inf"))
     if r > 1:
-        covers = torch.arange(r, device=q.device)[:, None] == group[None, :]  # (r, H)
-        lse = torch.where(covers, lse.unsqueeze(3), float("-inf"))
+        covers = torch.arange(r, device=qs.device)[:, None] == p.group[None, :]  # (r, H)
+        lse_full = torch.where(covers, lse.unsqueeze(3), float("-inf"))
     else:
-        lse = lse.unsqueeze(3)
-    return out, lse
+        lse_full = lse.unsqueeze(3)
+    return out, lse, lse_full
+
+
+def _take_rows(x, r, group):
+    """``(B, S, L * r, H)`` -> ``(B, S, L, H)``: for head ``h`` the entry at its offset
+    ``group[h]`` in every row of ``r`` positions (what `_sparse_rows` keeps, for scalars)."""
+    b, s, wp, h = x.shape
+    rows = wp // r
+    if r == 1:
+        return x
+    if h % r == 0:
+        diag = x.reshape(b, s, rows, r, r, h // r).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,r)
+        return diag.movedim(-1, 3).reshape(b, s, rows, h)
+    index = group * h + torch.arange(h, device=x.device)
+    return x.reshape(b, s, rows, r * h).index_select(3, index)
+
+
+def _add_rows_(dst, src, r, group):
+    """In place: ``dst`` (B, S, L * r, H, D), a view of the result, += ``src``
+    (B, S, L, H, D) at each head's offset: the inverse of `_sparse_rows`, touching 1/r of
+    ``dst`` through a strided view (``index_add_`` when the heads do not split evenly)."""
+    b, s, wp, h, d = dst.shape
+    rows = wp // r
+    if r == 1:
+        dst.add_(src)
+    elif h % r == 0:
+        diag = dst.view(b, s, rows, r, r, h // r, d).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,D,r)
+        diag.add_(src.reshape(b, s, rows, r, h // r, d).permute(0, 1, 2, 4, 5, 3))
+    else:
+        index = group * h + torch.arange(h, device=dst.device)
+        dst.view(b, s, rows, r * h, d).index_add_(3, index, src)
 
 
 def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
@@ -214,17 +325,6 @@ def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _join(tensors, parts, n):
-    """Concatenate each branch's pieces (consecutive in ``parts``) along the sequence."""
-    joined, run = [], []
-    for tensor, part in zip(tensors, parts):
-        run.append(tensor)
-        if part[1] == n:
-            joined.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
-            run = []
-    return joined
-
-
 def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
     """LongNet dilated attention over ``(B, N, H, D)`` tensors; returns ``(B, N, H, D)``.
 
@@ -232,7 +332,8 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     published code treats them as constants, which ``exact_grad=False`` reproduces.
     Each branch runs on its whole segments (views of the sequence) and, apart, on the
     partial last segment (padded to a multiple of ``r``, masked); sparse segments are
-    strided views and branch outputs are combined by broadcasting, no scatter.
+    strided views, and each branch's weighted rows are added into the result through the
+    same views: no scatter and no full-size intermediate per branch.
     """
     segments, dilations = validate_branches(segments, dilations)
     b, n, h, d = q.shape
@@ -242,33 +343,34 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
         return dense_attention(q, k, v, padding_mask)
     if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
         return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
+    pieces = []  # every piece of every branch; a branch's pieces are consecutive
+    for seg, r in zip(segments, dilations):
+        group = _head_group(h, r, q.device)
+        for start, stop, piece_seg in _pieces(n, seg):
+            n_seg, w, w_pad = branch_layout(stop - start, h, piece_seg, r)
+            pieces.append(_Piece(start, stop, r, n_seg, w, w_pad, group))
+    rows = _GatherPieces.apply(pieces, q, k, v)
     valid = None if padding_mask is None else ~padding_mask
-    parts = []  # (start, stop, segment, dilation, out, lse) for every piece of every branch
-    for s, r in zip(segments, dilations):
-        for start, stop, seg in _pieces(n, s):
-            pv = None if valid is None else valid[:, start:stop]
-            out, lse = _branch(
-                q[:, start:stop], k[:, start:stop], v[:, start:stop], pv, seg, r, exact_grad
-            )
-            parts.append((start, stop, seg, r, out, lse))
+    parts = []  # (out, lse, lse_full) per piece
+    for i, p in enumerate(pieces):
+        pv = None if valid is None else valid[:, p.start : p.stop]
+        parts.append(_branch(*rows[3 * i : 3 * i + 3], pv, p, exact_grad))
     # per position and head: log of the summed softmax denominators over branches, (B, N, H)
-    dense_lse = [
-        _unpad_segments(lse.flatten(2, 3), stop - start, min(seg, stop - start))
-        for start, stop, seg, _r, _out, lse in parts
-    ]
-    log_z = torch.logsumexp(torch.stack(_join(dense_lse, parts, n)), dim=0)
+    per_branch, run = [], []
+    for p, (_out, _lse, lse_full) in zip(pieces, parts):
+        run.append(_unpad_segments(lse_full.flatten(2, 3), p.stop - p.start, p.w))
+        if p.stop == n:
+            per_branch.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
+            run = []
+    log_z = torch.logsumexp(torch.stack(per_branch), dim=0)
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
-    terms = []
-    for start, stop, seg, r, out, lse in parts:
-        m = stop - start
-        n_seg, w, w_pad = branch_layout(m, h, seg, r)
-        z = _pad_segments(log_z[:, start:stop], n_seg, w, w_pad).view(lse.shape)
-        weight = torch.exp(lse - z).to(out.dtype)  # (B, S, L, r, H), 0 where not covered
-        term = out.unsqueeze(3) * weight.unsqueeze(-1)  # (B, S, L, r, H, D)
-        terms.append(_unpad_segments(term.flatten(2, 3), m, w))
-    result = None
-    for term in _join(terms, parts, n):
-        result = term if result is None else result + term
+    result = q.new_zeros(b, n, h, d, dtype=parts[0][0].dtype)
+    for p, (out, lse, _lse_full) in zip(pieces, parts):
+        z = _take_rows(
+            _pad_segments(log_z[:, p.start : p.stop], p.n_seg, p.w, p.w_pad), p.r, p.group
+        )
+        weight = torch.exp(lse - z)  # (B, S, L, H): 0 at padded rows and at padding
+        result = _AddRows.apply(result, out * weight.unsqueeze(-1).to(out.dtype), p)
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
     return result
