@@ -13,7 +13,8 @@ import traceback
 
 import torch
 
-from slidessl.models.bench import bench_attention, bench_encoder
+from slidessl.models.bench import _step, bench_attention, bench_encoder
+from slidessl.models.encoder import build_encoder
 from slidessl.models.lse import set_lse_grad
 
 
@@ -25,6 +26,33 @@ def _stage(name, fn):
         print(f"{name} FAILED:")
         traceback.print_exc(file=sys.stdout)
         return None
+
+
+def profile_step(preset, n, device, dtype, rows=18):
+    """Top operators/kernels of one eager forward+backward (after two warm-up steps) in
+    each LSE-gradient mode: where the step's device time goes."""
+    device = torch.device(device)
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    key = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        key = "self_device_time_total"
+    encoder = build_encoder(preset).to(device).train()
+    for mode in ("surrogate", "kernel"):
+        set_lse_grad(mode)
+        step = _step(encoder, n, device, dt, int(n**0.5) + 1)
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"-- {preset} N={n} batch 1, LSE gradients {mode}, sorted by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    set_lse_grad("auto")
 
 
 def main(argv=None) -> int:
@@ -63,6 +91,7 @@ def main(argv=None) -> int:
         ),
     )
     set_lse_grad("auto")
+    _stage("profile encoder step", lambda: profile_step(preset, enc_n[-1], device, dtype))
     print("== summary ==")
     name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
     print(f"card: {name}; torch {torch.__version__}; dtype {dtype}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: CUDA attention/encoder tests, then both benchmarks in bf16
 # (N up to 100k, checkpointing on; batch 1/4/8 and CUDA-graph replays of the encoder step)
-# with a summary table printed last. Fits in ~6 minutes (inner timeouts 100 s + 280 s).
+# then the encoder step in both LSE-gradient modes and a profile of one 8k step, with a
+# summary table printed last. Fits in ~6 minutes (inner timeouts 100 s + 280 s).
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 # Without CUDA it rehearses every step on the CPU at toy sizes.
 set -u
