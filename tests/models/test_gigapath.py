@@ -67,3 +67,43 @@ def test_strict_report_lists_missing_and_unexpected(tmp_path):
 def test_pixel_to_grid_floors():
     coords = torch.tensor([[[0.0, 255.9], [256.0, 511.0], [256_000.0, 300_000.0]]])
     assert pixel_to_grid(coords).tolist() == [[[0, 0], [1, 1], [1000, 1171]]]
+
+
+def test_embed_cli_with_published_weights(tmp_path, capsys):
+    """``slidessl embed gigapath:PATH`` end to end on a published-format checkpoint (random
+    weights: none can be downloaded here): one 768-dim CLS embedding per slide, equal to the
+    loaded encoder run on that slide alone; tile features of another width are refused."""
+    from slidessl.cli import main
+    from slidessl.data.dataset import SlideDataset
+    from slidessl.eval.embed_io import read_embeddings
+    from slidessl.models import build_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path / "slide_encoder.pth"
+    torch.save({"model": _published_state(build_encoder("gigapath"))}, path)
+    cohort = tmp_path / "cohort"
+    args = ["--slides", "3", "--min-tiles", "40", "--max-tiles", "90", "--seed", "3"]
+    assert main(["synth", "--out", str(cohort), "--dim", "1536", *args]) == 0
+    out = tmp_path / "emb.h5"
+    assert main(["embed", f"gigapath:{path}", str(cohort / "manifest.csv"), "--out", str(out)]) == 0
+    ids, emb, meta = read_embeddings(out)
+    assert emb.shape == (3, 768) and len(set(ids)) == 3
+    assert "gigapath:" in str(meta)
+    enc = load_gigapath(path)
+    items = {it["slide_id"]: it for it in SlideDataset(cohort / "manifest.csv")}  # Hilbert order
+    with torch.no_grad():
+        for i, sid in enumerate(ids):
+            ref = enc(items[sid]["features"][None].float(), items[sid]["grid"][None])
+            torch.testing.assert_close(torch.as_tensor(emb[i]), ref[0], rtol=1e-4, atol=1e-4)
+    small = tmp_path / "small"
+    assert main(["synth", "--out", str(small), "--dim", "64", *args]) == 0
+    bad = [
+        "embed",
+        f"gigapath:{path}",
+        str(small / "manifest.csv"),
+        "--out",
+        str(tmp_path / "x.h5"),
+    ]
+    capsys.readouterr()
+    assert main(bad) == 2
+    assert "takes 1536-dim tile features" in capsys.readouterr().err

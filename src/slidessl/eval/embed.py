@@ -73,7 +73,13 @@ def build_embedder(spec: str, in_dim: int, seed: int = 0):
         from slidessl.models.gigapath import load_gigapath
 
         path = spec.partition(":")[2]
-        return load_gigapath(path).eval(), f"gigapath:{Path(path).resolve()}"
+        encoder = load_gigapath(path).eval()
+        if encoder.in_dim != in_dim:
+            raise ValueError(
+                f"{path}: the Prov-GigaPath slide encoder takes {encoder.in_dim}-dim tile "
+                f"features (its own tile encoder's), but these slides have {in_dim}-dim ones"
+            )
+        return encoder, f"gigapath:{Path(path).resolve()}"
     from slidessl import load_encoder
 
     if not Path(spec).exists():
