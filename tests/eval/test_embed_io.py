@@ -40,3 +40,32 @@ def test_parquet_round_trip(tmp_path, rng):
     ids, got, attrs = read_embeddings(path)
     assert ids == [f"s{i}" for i in range(4)] and attrs["encoder"] == "x"
     np.testing.assert_array_equal(got, X)
+
+
+def test_parquet_resume_keeps_earlier_slides_and_writes_atomically(tmp_path, rng, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "e.parquet"
+    first = rng.standard_normal((2, 3)).astype(np.float32)
+    with EmbeddingWriter(path, {"encoder": "x"}) as w:
+        w.write(["a", "b"], first)
+    before = path.read_bytes()
+    real_write = pq.write_table
+
+    def dies_halfway(table, where, **kw):
+        where.write(b"PAR1 half a file")
+        raise OSError("killed while writing")
+
+    w = EmbeddingWriter(path, {"encoder": "x"})
+    w.write(["c"], rng.standard_normal((1, 3)).astype(np.float32))
+    monkeypatch.setattr(pa.parquet, "write_table", dies_halfway)
+    with pytest.raises(OSError, match="killed while writing"):
+        w.close()
+    assert path.read_bytes() == before  # the earlier slides are intact
+    assert [p.name for p in tmp_path.iterdir()] == ["e.parquet"]  # no temp file left
+    monkeypatch.setattr(pa.parquet, "write_table", real_write)
+    w.close()  # a retry writes all three
+    ids, got, _ = read_embeddings(path)
+    assert ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(got[:2], first)

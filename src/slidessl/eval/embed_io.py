@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from slidessl.atomic import atomic_write
+
 
 def _key(slide_id: str) -> str:
     return slide_id.replace("%", "%25").replace("/", "%2F")
@@ -81,7 +83,7 @@ def existing_ids(path: str | Path) -> set[str]:
 
 class EmbeddingWriter:
     """Append slide vectors to an embeddings file as they are computed (HDF5: flushed per
-    batch so an interrupted run resumes; parquet: rewritten on ``close``)."""
+    batch so an interrupted run resumes; parquet: rewritten atomically on ``close``)."""
 
     def __init__(self, path: str | Path, attrs: dict):
         self.path = Path(path)
@@ -123,7 +125,8 @@ class EmbeddingWriter:
             {"slide_id": ids, "embedding": [self._rows[i].tolist() for i in ids]},
             metadata={k: str(v) for k, v in self.attrs.items()},
         )
-        pa.parquet.write_table(table, self.path)
+        # a resumed file holds earlier slides: never leave it half written
+        atomic_write(self.path, lambda handle: pa.parquet.write_table(table, handle))
 
     def __enter__(self):
         return self
