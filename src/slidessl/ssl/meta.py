@@ -92,6 +92,11 @@ class SSLMetaArch(nn.Module):
         for name, module in student.items():
             if name != "backbone":
                 _freeze_prototype_norm(module)
+        mask_token = getattr(backbone, "mask_token", None)
+        if self.ibot_weight <= 0 and isinstance(mask_token, nn.Parameter):
+            # no masking without iBOT: a parameter that never gets a gradient would make
+            # DDP need find_unused_parameters (an extra graph walk every step)
+            mask_token.requires_grad_(False)
         self.student = student
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
