@@ -98,29 +98,19 @@ def _manual(q, k, v, key_valid, scale):
     return torch.matmul(probs, v), lse
 
 
+def _kernel_bias(key_valid, q, k):
+    """The additive key mask the fused kernels take (CUDA's needs a 16-aligned row)."""
+    if key_valid is None:
+        return None
+    return _bias(key_valid, q.dtype, k.shape[-2], pad_to=1 if q.device.type == "cpu" else 16)
+
+
 def _fused(q, k, v, key_valid, scale):
-    if q.device.type == "cpu":
-        bias = None if key_valid is None else _bias(key_valid, q.dtype, k.shape[-2])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
-        )
-        return out, lse.to(_acc(q.dtype))
-    if q.device.type == "cuda":
-        length = k.shape[-2]
-        if key_valid is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, False, False, scale=scale
-            )
-            return res[0], res[1][..., : q.shape[-2]].to(_acc(q.dtype))
-        bias = None
-        if key_valid is not None:
-            bias = _bias(key_valid, q.dtype, length, pad_to=16)
-            bias = bias.expand(q.shape[0], q.shape[1], q.shape[-2], length)
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=scale
-        )
-        return res[0], res[1][..., : q.shape[-2]].to(_acc(q.dtype))
-    return None
+    """``(out, lse)`` from the fused kernels, LSE a constant; None off CPU and CUDA."""
+    if q.device.type not in ("cpu", "cuda"):
+        return None
+    out, lse, _aux = _kernel_forward(q, k, v, _kernel_bias(key_valid, q, k), scale)
+    return out, lse[..., : q.shape[-2]].to(_acc(q.dtype))
 
 
 def _kernel_forward(q, k, v, bias, scale):
@@ -246,10 +236,8 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
         and q.device.type in ("cpu", "cuda")
         and lse_grad_mode(q.device) == "kernel"
     ):
-        pad_to = 1 if q.device.type == "cpu" else 16
-        bias = None if key_valid is None else _bias(key_valid, q.dtype, k.shape[-2], pad_to)
         try:
-            return _KernelLse.apply(q, k, v, bias, scale)
+            return _KernelLse.apply(q, k, v, _kernel_bias(key_valid, q, k), scale)
         except RuntimeError as exc:
             if _BACKEND["name"] == "fused":
                 raise
