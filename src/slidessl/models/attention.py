@@ -284,20 +284,6 @@ def _branch(qs, ks, vs, valid, p, exact_grad):
     return out, lse, lse_full
 
 
-def _take_rows(x, r, group):
-    """``(B, S, L * r, H)`` -> ``(B, S, L, H)``: for head ``h`` the entry at its offset
-    ``group[h]`` in every row of ``r`` positions (what `_sparse_rows` keeps, for scalars)."""
-    b, s, wp, h = x.shape
-    rows = wp // r
-    if r == 1:
-        return x
-    if h % r == 0:
-        diag = x.reshape(b, s, rows, r, r, h // r).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,r)
-        return diag.movedim(-1, 3).reshape(b, s, rows, h)
-    index = group * h + torch.arange(h, device=x.device)
-    return x.reshape(b, s, rows, r * h).index_select(3, index)
-
-
 def _add_rows_(dst, src, r, group):
     """In place: ``dst`` (B, S, L * r, H, D), a view of the result, += ``src``
     (B, S, L, H, D) at each head's offset: the inverse of `_sparse_rows`, touching 1/r of
@@ -366,9 +352,7 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
     result = q.new_zeros(b, n, h, d, dtype=parts[0][0].dtype)
     for p, (out, lse, _lse_full) in zip(pieces, parts):
-        z = _take_rows(
-            _pad_segments(log_z[:, p.start : p.stop], p.n_seg, p.w, p.w_pad), p.r, p.group
-        )
+        z = _as_rows(_gather(log_z.unsqueeze(-1), p), p).squeeze(-1)  # log_z at the rows
         weight = torch.exp(lse - z)  # (B, S, L, H): 0 at padded rows and at padding
         result = _AddRows.apply(result, out * weight.unsqueeze(-1).to(out.dtype), p)
     if padding_mask is not None:

@@ -183,7 +183,7 @@ class _KernelLse(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, scale):
         out, lse, aux = _kernel_forward(q, k, v, bias, scale)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.aux, ctx.scale, ctx.length = aux, scale, q.shape[-2]
+        ctx.aux, ctx.scale = aux, scale
         return out, lse[..., : q.shape[-2]].to(_acc(q.dtype))
 
     @staticmethod
