@@ -1,9 +1,21 @@
-"""Prov-GigaPath weight import: key mapping, strict report, output equivalence."""
+"""Prov-GigaPath weight import: key mapping, strict report, architecture from the checkpoint,
+the position table's bounds. Equivalence with the published code: test_gigapath_reference.py
+and tests/eval/test_gigapath_cli.py."""
+
+import zlib
 
 import pytest
 import torch
 
-from slidessl.models.gigapath import gigapath_forward, load_gigapath, pixel_to_grid
+from slidessl.models.gigapath import (
+    PUBLISHED_ARCHS,
+    gigapath_arch,
+    gigapath_forward,
+    load_gigapath,
+    pixel_to_grid,
+    published_arch_name,
+)
+from slidessl.models.posenc import check_gigapath_table
 
 SMALL = dict(depth=2, embed_dim=64, mlp_dim=128, in_dim=32)
 
@@ -39,9 +51,11 @@ def test_import_maps_every_key(tmp_path):
     grid = pixel_to_grid(torch.randint(0, 256 * 900, (1, 31, 2)).float())
     outs = gigapath_forward(enc, x, grid, all_layer_embed=True)
     assert len(outs) == 3 and outs[0].shape == (1, 64)
+    # 32 tokens need no padding in any branch: the published forward equals ours there
     torch.testing.assert_close(
         outs[-1], enc.norm(enc.forward_features(x, grid, return_layers=True)["layers"][-1])[:, 0]
     )
+    torch.testing.assert_close(gigapath_forward(enc, x, grid)[0], enc(x, grid))
     pooled = load_gigapath(tmp_path / "slide_encoder.pth", global_pool=True, **SMALL)
     assert pooled.config["pool"] == "mean"
 
@@ -69,41 +83,75 @@ def test_pixel_to_grid_floors():
     assert pixel_to_grid(coords).tolist() == [[[0, 0], [1, 1], [1000, 1171]]]
 
 
-def test_embed_cli_with_published_weights(tmp_path, capsys):
-    """``slidessl embed gigapath:PATH`` end to end on a published-format checkpoint (random
-    weights: none can be downloaded here): one 768-dim CLS embedding per slide, equal to the
-    loaded encoder run on that slide alone; tile features of another width are refused."""
-    from slidessl.cli import main
-    from slidessl.data.dataset import SlideDataset
-    from slidessl.eval.embed_io import read_embeddings
+@pytest.fixture
+def seed(request):
+    s = zlib.crc32(request.node.nodeid.encode()) & 0xFFFF
+    print(f"seed {s} ({request.node.nodeid})")
+    return s
+
+
+def test_architecture_comes_from_the_checkpoint(tmp_path, seed, caplog):
+    """A 2-layer published-format checkpoint loads without overrides (it used to be refused
+    as "weights do not match" the 12 x 768 preset)."""
     from slidessl.models import build_encoder
 
-    torch.manual_seed(0)
-    path = tmp_path / "slide_encoder.pth"
-    torch.save({"model": _published_state(build_encoder("gigapath"))}, path)
-    cohort = tmp_path / "cohort"
-    args = ["--slides", "3", "--min-tiles", "40", "--max-tiles", "90", "--seed", "3"]
-    assert main(["synth", "--out", str(cohort), "--dim", "1536", *args]) == 0
-    out = tmp_path / "emb.h5"
-    assert main(["embed", f"gigapath:{path}", str(cohort / "manifest.csv"), "--out", str(out)]) == 0
-    ids, emb, meta = read_embeddings(out)
-    assert emb.shape == (3, 768) and len(set(ids)) == 3
-    assert "gigapath:" in str(meta)
-    enc = load_gigapath(path)
-    items = {it["slide_id"]: it for it in SlideDataset(cohort / "manifest.csv")}  # Hilbert order
-    with torch.no_grad():
-        for i, sid in enumerate(ids):
-            ref = enc(items[sid]["features"][None].float(), items[sid]["grid"][None])
-            torch.testing.assert_close(torch.as_tensor(emb[i]), ref[0], rtol=1e-4, atol=1e-4)
-    small = tmp_path / "small"
-    assert main(["synth", "--out", str(small), "--dim", "64", *args]) == 0
-    bad = [
-        "embed",
-        f"gigapath:{path}",
-        str(small / "manifest.csv"),
-        "--out",
-        str(tmp_path / "x.h5"),
-    ]
-    capsys.readouterr()
-    assert main(bad) == 2
-    assert "takes 1536-dim tile features" in capsys.readouterr().err
+    torch.manual_seed(seed)
+    src = build_encoder("gigapath", depth=2, embed_dim=96, mlp_dim=384, in_dim=48)
+    torch.save({"model": _published_state(src)}, tmp_path / "two.pth")
+    with caplog.at_level("INFO", logger="slidessl.models.gigapath"):
+        enc = load_gigapath(tmp_path / "two.pth")
+    assert (enc.depth, enc.embed_dim, enc.in_dim, enc.config["mlp_dim"]) == (2, 96, 48, 384)
+    assert enc.config["num_heads"] == 16 and enc.config["encoder_norm"]
+    assert "(not a registered size): 2 layers x 96, 16 heads" in caplog.text
+    # 31 tiles + CLS = 32 tokens: no branch pads, so the published forward equals ours
+    x, grid = torch.randn(1, 31, 48), torch.randint(0, 50, (1, 31, 2))
+    torch.testing.assert_close(gigapath_forward(enc, x, grid)[0], enc(x, grid))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_ARCHS))
+def test_published_sizes_are_recognised(name):
+    """The three registered LongNetViT sizes, read from key names and shapes alone (meta
+    tensors: nothing is allocated)."""
+    depth, width = PUBLISHED_ARCHS[name]
+    state = {
+        "patch_embed.proj.weight": torch.empty(width, 1536, device="meta"),
+        "cls_token": torch.empty(1, 1, width, device="meta"),
+        "encoder.layer_norm.weight": torch.empty(width, device="meta"),
+    }
+    for i in range(depth):
+        state[f"encoder.layers.{i}.ffn.fc1.weight"] = torch.empty(4 * width, width, device="meta")
+        state[f"encoder.layers.{i}.self_attn.inner_attn_ln.weight"] = torch.empty(
+            width, device="meta"
+        )
+    arch = gigapath_arch(state)
+    assert arch == dict(
+        in_dim=1536,
+        embed_dim=width,
+        depth=depth,
+        num_heads=16,
+        mlp_dim=4 * width,
+        subln=True,
+        encoder_norm=True,
+    )
+    assert published_arch_name(arch) == name
+    del (
+        state["encoder.layers.1.ffn.fc1.weight"],
+        state["encoder.layers.1.self_attn.inner_attn_ln.weight"],
+    )
+    with pytest.raises(ValueError, match=r"x.pth: encoder layers are numbered \[0, 2, 3"):
+        gigapath_arch(state, "x.pth")
+    with pytest.raises(ValueError, match="no 'patch_embed.proj.weight'"):
+        gigapath_arch({"cls_token": state["cls_token"]})
+
+
+def test_position_table_bounds():
+    inside = torch.tensor([[[0, 0], [999, 999], [3, 998]]])
+    assert check_gigapath_table(inside) == 0
+    outside = torch.tensor([[[0, 0], [1000, 5], [7, 1003]]])
+    with pytest.raises(ValueError, match=r"2 of 3 tiles fall outside .* x 1000, y 1003"):
+        check_gigapath_table(outside)
+    assert check_gigapath_table(outside, extrapolate=True) == 2
+    with pytest.raises(ValueError, match="negative positions"):
+        check_gigapath_table(torch.tensor([[[-1, 4]]]), extrapolate=True)
+    with pytest.raises(ValueError, match="integer"):
+        check_gigapath_table(torch.zeros(1, 2, 2))

@@ -10,17 +10,23 @@ whole-slide foundation model for digital pathology from real-world data"): it in
 MAE's ``get_2d_sincos_pos_embed`` table of a 1000 x 1000 grid with ``gx * 1000 + gy``, so
 the first half of the channels encodes ``k % 1000`` (``gy`` for ``gy < 1000``) and the
 second half ``k // 1000`` (``gx``). Here the same value is computed directly; positions
-past the table (``gx >= 1000``) continue the formula instead of failing.
+past the table (``gx >= 1000``) continue the formula instead of failing, which is what
+slidessl's own encoders with ``pos_mode="gigapath"`` want (origin-free grids of any size).
+
+The faithful Prov-GigaPath path (``gigapath:PATH``, :mod:`slidessl.models.gigapath`) calls
+:func:`check_gigapath_table` first: positions outside the published 1000 x 1000 table are
+an error there unless the caller opts in to extrapolation.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["sincos_1d", "sincos_2d", "POS_MODES"]
+__all__ = ["sincos_1d", "sincos_2d", "check_gigapath_table", "POS_MODES", "GIGAPATH_NGRIDS"]
 
 POS_MODES = ("xy", "gigapath", "none")
-_GIGAPATH_NGRIDS = 1000
+GIGAPATH_NGRIDS = 1000  # Prov-GigaPath's ``slide_ngrids``: a 1000 x 1000 table
+_GIGAPATH_NGRIDS = GIGAPATH_NGRIDS
 
 
 def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,3 +59,39 @@ def sincos_2d(coords: torch.Tensor, dim: int, mode: str = "xy") -> torch.Tensor:
         raise ValueError(f"unknown position mode {mode!r}; choose from {POS_MODES}")
     emb = torch.cat([sincos_1d(first, dim // 2), sincos_1d(second, dim // 2)], dim=-1)
     return emb.float()
+
+
+def check_gigapath_table(grid: torch.Tensor, extrapolate: bool = False) -> int:
+    """Check integer positions ``(gx, gy)`` against Prov-GigaPath's 1000 x 1000 table.
+
+    Returns the number of positions outside it. Negative positions always raise
+    ``ValueError``; positions with ``gx >= 1000`` or ``gy >= 1000`` raise unless
+    ``extrapolate``. There the published model either fails (flat index ``gx * 1000 + gy``
+    past the table's end) or silently reads another cell's row (``gy >= 1000`` wraps into
+    ``gx``); with ``extrapolate`` :func:`sincos_2d` computes the table's formula at the flat
+    index, which equals the published row wherever the published table has one and
+    continues the formula past its end.
+    """
+    if grid.shape[-1] != 2 or grid.is_floating_point():
+        raise ValueError(
+            f"positions must be integer (..., 2) (gx, gy), got {grid.dtype} {tuple(grid.shape)}"
+        )
+    if grid.numel() == 0:
+        return 0
+    if bool((grid < 0).any()):
+        raise ValueError(
+            f"{int((grid < 0).any(-1).sum())} negative positions: Prov-GigaPath's table starts "
+            "at (0, 0) (its positions are floor(coords / 256) with no origin shift)"
+        )
+    outside = (grid >= GIGAPATH_NGRIDS).any(-1)
+    n_out = int(outside.sum())
+    if n_out and not extrapolate:
+        gx, gy = int(grid[..., 0].max()), int(grid[..., 1].max())
+        raise ValueError(
+            f"{n_out} of {outside.numel()} tiles fall outside Prov-GigaPath's "
+            f"{GIGAPATH_NGRIDS} x {GIGAPATH_NGRIDS} position table (largest position x {gx}, "
+            f"y {gy}, in 256-px tiles; the published model fails or reads another cell's row "
+            "there): check the coordinate units, or opt in to extrapolating the sin-cos "
+            "formula (--gigapath-extrapolate)"
+        )
+    return n_out
