@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable slides")
+    p.add_argument(
+        "--gigapath-extrapolate",
+        action="store_true",
+        help="gigapath:PATH: continue the sin-cos position table past Prov-GigaPath's 1000 x "
+        "1000 grid instead of refusing such slides",
+    )
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("probe", help="k-fold logistic-regression probe of slide embeddings")
@@ -101,6 +107,7 @@ def cmd_embed(args) -> int:
         args.batch_size,
         args.seed,
         "skip" if args.skip_bad else "error",
+        gigapath_extrapolate=args.gigapath_extrapolate,
     )
     print(f"embedded {s['written']} slides ({s['skipped_existing']} already there) -> {s['out']}")
     for sid, why in s["bad_slides"]:

@@ -8,8 +8,10 @@
 - ``random`` / ``random:PRESET`` / ``random:PATH``: a randomly initialised encoder of a
   preset (default ``tiny``) or of the architecture of an export at PATH, with the input dim
   taken from the data (seeded: the same random weights every run);
-- ``gigapath:PATH``: a local Prov-GigaPath ``slide_encoder.pth``
-  (``slidessl.models.gigapath.load_gigapath``; positions are our integer grid).
+- ``gigapath:PATH``: a local Prov-GigaPath ``slide_encoder.pth``: :func:`run_embed` hands it
+  to :mod:`slidessl.eval.gigapath_embed`, the published forward on the files as they are
+  (row order, Prov-GigaPath positions; its own pooling names). ``build_embedder`` gives the
+  loaded encoder for slidessl's own conventions (spatial order, origin-free grid).
 
 Pooling: ``cls`` (final CLS), ``mean`` (mean of the final tokens over real tiles),
 ``pooled`` (the encoder's configured pool), or ``layers:I,J,...`` (the concatenation of the
@@ -150,8 +152,15 @@ def run_embed(
     seed: int = 0,
     on_bad_slide: str = "error",
     progress: bool = True,
+    gigapath_extrapolate: bool = False,
 ) -> dict:
     """Embed every slide of ``manifest`` into ``out``; returns a summary dict."""
+    if encoder_spec.startswith("gigapath:"):
+        from slidessl.eval.gigapath_embed import run_gigapath_embed
+
+        return run_gigapath_embed(
+            encoder_spec, manifest, out, pooling, on_bad_slide, progress, gigapath_extrapolate
+        )
     from tqdm.auto import tqdm
 
     from slidessl.data.dataset import SlideDataset
