@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidessl.models.alibi import alibi_attention, alibi_slopes
 from slidessl.models.attention import dense_attention, dilated_attention
+from slidessl.models.local_attention import NeighbourhoodAttention
 
 __all__ = ["DropPath", "SelfAttention", "FeedForward", "Block"]
 
@@ -36,12 +38,28 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention, dense (``segments=None``) or LongNet dilated."""
 
     def __init__(
-        self, dim, num_heads, segments=None, dilations=None, subln=True, eps=1e-5, exact_grad=True
+        self,
+        dim,
+        num_heads,
+        segments=None,
+        dilations=None,
+        subln=True,
+        eps=1e-5,
+        exact_grad=True,
+        alibi=False,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if alibi and segments is not None:
+            raise ValueError(
+                "2-D ALiBi is implemented for dense attention only: set attention='dense' "
+                "(or pos_bias='none' for dilated attention)"
+            )
         self.num_heads = num_heads
+        self.alibi = bool(alibi)
+        if self.alibi:
+            self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
         self.segments = None if segments is None else list(segments)
         self.dilations = None if dilations is None else list(dilations)
         self.exact_grad = exact_grad
@@ -51,13 +69,17 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = nn.LayerNorm(dim, eps=eps) if subln else None
 
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, padding_mask=None, coords=None):
         b, n, e = x.shape
         h = self.num_heads
         q = self.q_proj(x).view(b, n, h, e // h)
         k = self.k_proj(x).view(b, n, h, e // h)
         v = self.v_proj(x).view(b, n, h, e // h)
-        if self.segments is None:
+        if self.alibi:
+            if coords is None:
+                raise ValueError("2-D ALiBi attention needs the tokens' grid coordinates")
+            out = alibi_attention(q, k, v, coords, self.slopes, padding_mask)
+        elif self.segments is None:
             out = dense_attention(q, k, v, padding_mask)
         else:
             out = dilated_attention(
@@ -87,7 +109,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``."""
+    """Pre-norm block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``; ``local_kernel=k``
+    makes the attention grid-neighbourhood attention (`NeighbourhoodAttention`)."""
 
     def __init__(
         self,
@@ -101,17 +124,53 @@ class Block(nn.Module):
         drop_path=0.0,
         dropout=0.0,
         exact_grad=True,
+        local_kernel=0,
+        alibi=False,
     ):
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = SelfAttention(dim, num_heads, segments, dilations, subln, eps, exact_grad)
+        self.local = bool(local_kernel)
+        if self.local:
+            self.self_attn = NeighbourhoodAttention(dim, num_heads, local_kernel, subln, eps)
+        else:
+            self.self_attn = SelfAttention(
+                dim, num_heads, segments, dilations, subln, eps, exact_grad, alibi
+            )
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, mlp_dim, subln, eps, dropout)
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
-        y = self.self_attn(self.self_attn_layer_norm(x), padding_mask)
+    def forward(
+        self, x: torch.Tensor, padding_mask=None, neighbours=None, coords=None
+    ) -> torch.Tensor:
+        """``neighbours``: the grid neighbour index a local block needs; ``coords`` (B, N, 2):
+        the tiles' grid positions a 2-D ALiBi block needs (each ignored otherwise)."""
+        if self.local:
+            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, neighbours)
+        else:
+            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, coords)
         x = x + self.drop_path(self.dropout(y))
         x = x + self.drop_path(self.ffn(self.final_layer_norm(x)))
         return x
+
+    def forward_split(self, tiles, cls, neighbours, members, valid):
+        """A local block on the tile tokens ``(M, E)`` of one input and ``R`` CLS tokens
+        ``(R, E)``, each attending to its own member tiles (see
+        ``NeighbourhoodAttention.forward_split``); returns the new ``(tiles, cls)``."""
+        if not self.local:
+            raise ValueError("forward_split needs a local (neighbourhood-attention) block")
+        yt, yc = self.self_attn.forward_split(
+            self.self_attn_layer_norm(tiles),
+            self.self_attn_layer_norm(cls),
+            neighbours,
+            members,
+            valid,
+        )
+        tiles, cls = (
+            tiles + self.drop_path(self.dropout(yt)),
+            cls + self.drop_path(self.dropout(yc)),
+        )
+        tiles = tiles + self.drop_path(self.ffn(self.final_layer_norm(tiles)))
+        cls = cls + self.drop_path(self.ffn(self.final_layer_norm(cls)))
+        return tiles, cls

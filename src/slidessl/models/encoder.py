@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slidessl.models.attention import validate_branches
 from slidessl.models.blocks import Block
-from slidessl.models.gridconv import GridContext
+from slidessl.models.gridconv import GridContext, grid_neighbours
 from slidessl.models.posenc import POS_MODES, sincos_2d
 
 __all__ = ["SlideEncoder", "build_encoder", "PRESETS", "DEFAULT_SEGMENTS", "DEFAULT_DILATIONS"]
@@ -58,6 +58,10 @@ _DEFAULTS = dict(
     grad_checkpointing=False,
     exact_grad=True,
     grid_context=0,  # odd k > 0: a k x k depthwise conv over the tile grid before the blocks
+    input_center=False,  # subtract each input's (slide's or crop's) mean tile feature first
+    local_kernel=0,  # odd k >= 3: the first `local_depth` blocks attend to k x k grid neighbours
+    local_depth=0,
+    pos_bias="none",  # "alibi2d": the global (non-local) blocks get TITAN's 2-D ALiBi bias
 )
 
 PRESETS: dict[str, dict] = {
@@ -107,6 +111,8 @@ class SlideEncoder(nn.Module):
             raise ValueError(f"attention must be 'dilated' or 'dense', got {cfg['attention']!r}")
         if cfg["pos_mode"] not in POS_MODES:
             raise ValueError(f"pos_mode must be one of {POS_MODES}, got {cfg['pos_mode']!r}")
+        if cfg["pos_bias"] not in ("none", "alibi2d"):
+            raise ValueError(f"pos_bias must be 'none' or 'alibi2d', got {cfg['pos_bias']!r}")
         if cfg["pool"] not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {cfg['pool']!r}")
         if cfg["embed_dim"] % 4 or cfg["embed_dim"] % cfg["num_heads"]:
@@ -123,6 +129,13 @@ class SlideEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, e))
         k = int(cfg["grid_context"])
         self.grid_context = GridContext(e, k) if k else None
+        lk, ld = int(cfg["local_kernel"]), int(cfg["local_depth"])
+        if (lk > 0) != (ld > 0) or ld > self.depth or (lk and (lk < 3 or lk % 2 == 0)):
+            raise ValueError(
+                f"local attention needs an odd local_kernel >= 3 and 1 <= local_depth <= depth "
+                f"({self.depth}), or both 0; got local_kernel={lk}, local_depth={ld}"
+            )
+        self.local_kernel = lk
         dilated = cfg["attention"] == "dilated"
         dpr = np.linspace(0.0, cfg["drop_path_rate"], self.depth) if self.depth else []
         self.blocks = nn.ModuleList(
@@ -137,6 +150,8 @@ class SlideEncoder(nn.Module):
                 float(dpr[i]),
                 cfg["dropout"],
                 cfg["exact_grad"],
+                lk if i < ld else 0,
+                cfg["pos_bias"] == "alibi2d" and i >= ld,
             )
             for i in range(self.depth)
         )
@@ -157,6 +172,9 @@ class SlideEncoder(nn.Module):
         nn.init.zeros_(self.mask_token)
         if self.grid_context is not None:
             self.grid_context.reset_parameters()
+        for blk in self.blocks:
+            if blk.local:
+                nn.init.zeros_(blk.self_attn.rel_bias)
         if self.config["subln"] and self.config["subln_init"] and self.depth:
             gain = math.sqrt(math.log(2 * self.depth))
             for blk in self.blocks:
@@ -182,15 +200,23 @@ class SlideEncoder(nn.Module):
                 )
 
     def forward_features(
-        self, x, coords, padding_mask=None, token_mask=None, return_layers=False
+        self, x, coords, padding_mask=None, token_mask=None, return_layers=False, center=None
     ) -> dict:
         """Return ``{"cls", "tokens", "pooled"}`` (+ ``"embed"``, ``"layers"`` on request).
 
         ``padding_mask`` True = padding; ``token_mask`` True = replace the token by the
-        mask token (iBOT). ``layers`` are the raw block outputs (B, 1+N, E), ``embed`` the
-        block input; ``cls``/``tokens`` come after the final norm.
+        mask token (iBOT). With ``input_center`` the features are centred first: on
+        ``center`` (B, in_dim), the mean tile feature of each input's *slide* (what the
+        training crops carry), else on the input's own mean (a whole slide). ``layers`` are
+        the raw block outputs (B, 1+N, E), ``embed`` the block input; ``cls``/``tokens``
+        come after the final norm.
         """
         self._check(x, coords, padding_mask, token_mask)
+        if self.config["input_center"]:
+            if center is None:
+                x = x - _masked_mean(x, padding_mask)
+            else:
+                x = x - center.to(x.dtype).unsqueeze(1)
         h = self.patch_embed(x)
         if token_mask is not None:
             h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype), h)
@@ -202,13 +228,16 @@ class SlideEncoder(nn.Module):
         if padding_mask is not None:
             mask = torch.cat([padding_mask.new_zeros(h.shape[0], 1), padding_mask], dim=1)
             h = h.masked_fill(mask.unsqueeze(-1), 0.0)
+        neighbours = None
+        if self.local_kernel:
+            neighbours = grid_neighbours(coords, padding_mask, self.local_kernel)
         layers = []
         embed = h
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(blk, h, mask, use_reentrant=False)
+                h = checkpoint(blk, h, mask, neighbours, coords, use_reentrant=False)
             else:
-                h = blk(h, mask)
+                h = blk(h, mask, neighbours, coords)
             if return_layers:
                 layers.append(h)
         if self.encoder_norm is not None:
@@ -220,6 +249,43 @@ class SlideEncoder(nn.Module):
             result["embed"] = embed
             result["layers"] = layers
         return result
+
+    def forward_regions(self, x, coords, regions, center=None) -> torch.Tensor:
+        """The final CLS of each region of one slide, ``(R, E)``, with every tile's token
+        computed once for the whole slide.
+
+        ``x`` (N, in_dim), ``coords`` (N, 2) grid cells, ``regions`` a list of ``R`` index
+        tensors into the N tiles. Needs an encoder whose blocks are all local: a tile's
+        token then depends on its grid neighbourhood only (tiles never attend to a CLS), so
+        one pass over the slide serves every region; CLS ``r`` attends to region ``r``'s
+        tiles in every block. Equal to running each region alone wherever no tile's
+        receptive field crosses the region's border and positions do not enter
+        (``pos_mode="none"``). ``center``: as in :meth:`forward_features` (default: the
+        slide's own mean).
+        """
+        if not self.blocks or not all(blk.local for blk in self.blocks):
+            raise ValueError("forward_regions needs an encoder whose blocks are all local")
+        if not regions:
+            raise ValueError("forward_regions needs at least one region")
+        self._check(x[None], coords[None], None, None)
+        if self.config["input_center"]:
+            x = x - (x.mean(dim=0) if center is None else center.to(x.dtype))
+        tiles = self.patch_embed(x)
+        tiles = tiles + sincos_2d(coords[None], self.embed_dim, self.config["pos_mode"])[0].to(
+            tiles.dtype
+        )
+        if self.grid_context is not None:
+            tiles = tiles + self.grid_context(tiles[None], coords[None])[0]
+        members = torch.nn.utils.rnn.pad_sequence(list(regions), batch_first=True, padding_value=-1)
+        valid = members >= 0
+        members = members.clamp_min(0)
+        cls = self.cls_token[0].expand(len(regions), -1).to(tiles.dtype)
+        neighbours = grid_neighbours(coords[None], None, self.local_kernel)
+        for blk in self.blocks:
+            tiles, cls = blk.forward_split(tiles, cls, neighbours, members, valid)
+        if self.encoder_norm is not None:
+            cls = self.encoder_norm(cls)
+        return self.norm(cls)
 
     def _mean(self, h, mask):
         """Final norm of the mean over real tokens (CLS excluded), as Prov-GigaPath pools."""
@@ -249,6 +315,14 @@ class SlideEncoder(nn.Module):
     def forward(self, x, coords, padding_mask=None) -> torch.Tensor:
         """Slide embedding (B, E): CLS, or the token mean for ``pool="mean"``."""
         return self.forward_features(x, coords, padding_mask)["pooled"]
+
+
+def _masked_mean(x: torch.Tensor, padding_mask) -> torch.Tensor:
+    """(B, 1, D) mean over the real tokens of each input."""
+    if padding_mask is None:
+        return x.mean(dim=1, keepdim=True)
+    keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def build_encoder(name: str = "tiny", **overrides) -> SlideEncoder:
