@@ -238,3 +238,65 @@ def test_bad_slides_name_the_slide(rng):
     bad = {"slide_id": "s-bad", "features": torch.zeros(3, 4), "grid": torch.zeros(4, 2)}
     with pytest.raises(ValueError, match="s-bad.*grid"):
         crop(bad, rng)
+
+
+def _grid_neighbour_share(grid: np.ndarray, rows: np.ndarray) -> float:
+    """Of the slide's 4-neighbour pairs touching the crop's tiles, the share kept in it."""
+    cells = {tuple(c) for c in grid.tolist()}
+    inside = {tuple(c) for c in grid[rows].tolist()}
+    kept = total = 0
+    for x, y in inside:
+        for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            if (x + dx, y + dy) in cells:
+                total += 1
+                kept += (x + dx, y + dy) in inside
+    return kept / max(total, 1)
+
+
+def test_shrink_keeps_full_density_where_thin_does_not(rng):
+    """A window above its cap: `thin` subsamples it (neighbours lost), `shrink` keeps a
+    compact window of exactly `cap` tiles at the tissue's density."""
+    slide = random_slide(rng, size=60)
+    grid = slide["grid"].numpy()
+    base = dict(NO_AUG, n_global=1, n_local=3, global_scale=(0.8, 1.0), local_scale=(0.3, 0.5))
+    base.update(global_max_tiles=150, local_max_tiles=40)
+    shares = {}
+    for mode in ("thin", "shrink"):
+        out = MultiCrop(MultiCropConfig(**base, oversize=mode))(slide, np.random.default_rng(1))
+        crops = [c for _, c in _all_crops(out)]
+        assert [len(c["rows"]) for c in crops] == [150, 40, 40, 40]
+        shares[mode] = np.mean([_grid_neighbour_share(grid, c["rows"].numpy()) for c in crops])
+        if mode == "shrink":
+            for c in crops:  # compact: the crop's bounding box is not much larger than it
+                w, h = np.ptp(c["coords"].numpy(), axis=0) + 1
+                assert w * h <= 2.5 * len(c["rows"])
+    assert shares["shrink"] > 0.6 > 0.4 > shares["thin"]
+
+
+def test_region_crops_stay_inside_one_region(rng):
+    slide = random_slide(rng, size=70)
+    grid = slide["grid"].numpy()
+    cfg = MultiCropConfig(**NO_AUG, n_local=4, region_max_tiles=200, oversize="shrink")
+    for seed in range(5):
+        out = MultiCrop(cfg)(slide, np.random.default_rng(seed))
+        rows = np.unique(np.concatenate([c["rows"].numpy() for _, c in _all_crops(out)]))
+        assert len(rows) <= 200  # every crop lies in the same region of at most 200 tiles
+        w, h = np.ptp(grid[rows], axis=0) + 1
+        assert max(w, h) <= 2 * int(np.ceil(np.sqrt(200)))  # and the region is compact
+    with pytest.raises(ValueError, match="region_max_tiles"):
+        MultiCropConfig(region_max_tiles=0)
+    with pytest.raises(ValueError, match="oversize"):
+        MultiCropConfig(oversize="squash")
+
+
+def test_crops_carry_their_slide_mean(rng):
+    from slidessl.data.collate import collate_views
+
+    slide = random_slide(rng)
+    out = MultiCrop(MultiCropConfig(n_local=2))(slide, rng)
+    mean = slide["features"].double().mean(0).float()
+    for _, c in _all_crops(out):
+        torch.testing.assert_close(c["center"], mean)
+    batch = collate_views([out, out])
+    assert batch["global"]["center"].shape == (4, slide["features"].shape[1])
+    assert batch["local"]["center"].shape == (4, slide["features"].shape[1])

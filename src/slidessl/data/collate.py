@@ -31,7 +31,8 @@ def pad_crops(
     feature_dim: int | None = None,
     with_mask: bool = False,
 ) -> dict:
-    """Stack crops ``{"features" (n, D), "coords" (n, 2)[, "ibot_mask" (n,)]}`` with padding."""
+    """Stack crops ``{"features" (n, D), "coords" (n, 2)[, "ibot_mask" (n,), "center" (D,)]}``
+    with padding (``center``, the crop's slide mean, is stacked when every crop has one)."""
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     dims = {int(c["features"].shape[1]) for c in crops}
@@ -51,6 +52,8 @@ def pad_crops(
     }
     if with_mask:
         out["ibot_mask"] = torch.zeros(b, length, dtype=torch.bool)
+    if crops and all("center" in c for c in crops):
+        out["center"] = torch.stack([c["center"] for c in crops])
     for i, c in enumerate(crops):
         n = len(c["features"])
         if len(c["coords"]) != n:

@@ -50,6 +50,7 @@ from slidessl.data.relayout import PACKINGS, pack_compact
 __all__ = ["MultiCrop", "MultiCropConfig"]
 
 LAYOUTS = ("original", "compact")
+OVERSIZE = ("thin", "shrink")  # a window above its cap: subsample it, or keep its core whole
 _PACK_CACHE = 64  # compact layouts kept per MultiCrop (per DataLoader worker)
 
 
@@ -73,6 +74,8 @@ class MultiCropConfig:
     local_min_tiles: int = 8
     global_max_tiles: int = 8192
     local_max_tiles: int = 1024
+    oversize: str = "thin"
+    region_max_tiles: int | None = None
     max_tries: int = 10
     layout: str = "original"
     packing: str = "strips"
@@ -125,6 +128,7 @@ class MultiCropConfig:
             ("layout", LAYOUTS),
             ("packing", PACKINGS),
             ("position_coords", ("true", "packed")),
+            ("oversize", OVERSIZE),
             ("order", ("hilbert", "zorder", "rowmajor")),
         )
         for name, allowed in checks:
@@ -132,6 +136,8 @@ class MultiCropConfig:
                 raise ValueError(
                     f"crops.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        if self.region_max_tiles is not None and int(self.region_max_tiles) < 1:
+            raise ValueError(f"crops.region_max_tiles must be >= 1, got {self.region_max_tiles}")
         if self.band_height is not None and int(self.band_height) < 1:
             raise ValueError(f"crops.band_height must be >= 1, got {self.band_height}")
         for name in ("feature_noise", "feature_shift"):
@@ -188,6 +194,14 @@ def _window(
     cheb = np.abs(grid - centre).max(axis=1)
     radius = np.partition(cheb, min_tiles - 1)[min_tiles - 1]
     return np.flatnonzero(cheb <= radius)
+
+
+def _nearest(grid: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of the ``count`` tiles nearest a random tile (Chebyshev distance on
+    the grid, ties broken at random): a window at the tissue's full density."""
+    centre = grid[rng.integers(len(grid))]
+    dist = np.abs(grid - centre).max(axis=1) + rng.random(len(grid)) * 0.5
+    return np.sort(np.argpartition(dist, count - 1)[:count])
 
 
 def _rotate_flip(coords: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -256,29 +270,49 @@ class MultiCrop:
             sample = feats[:: max(1, len(feats) // 4096)]
             spread = sample.std(dim=0) if len(sample) > 1 else torch.zeros(feats.shape[1])
         n = len(feats)
+        center = feats.double().mean(dim=0).float()  # the slide's mean tile feature
         out = {
             "slide_id": slide.get("slide_id"),
             "index": slide.get("index"),
             "global": [],
             "local": [],
         }
+        region = np.arange(n)
+        if cfg.region_max_tiles is not None and n > cfg.region_max_tiles:
+            region = _nearest(crop_grid, int(cfg.region_max_tiles), rng)
+            n = len(region)
         kinds = (
             ("global", cfg.n_global, cfg.global_scale, cfg.global_min_tiles, cfg.global_max_tiles),
             ("local", cfg.n_local, cfg.local_scale, cfg.local_min_tiles, cfg.local_max_tiles),
         )
         for kind, count, scale, min_tiles, max_tiles in kinds:
             for _ in range(count):
-                rows = _window(
-                    crop_grid, scale, cfg.aspect_ratio, min(min_tiles, n), cfg.max_tries, rng
-                )
+                rows = region[
+                    _window(
+                        crop_grid[region],
+                        scale,
+                        cfg.aspect_ratio,
+                        min(min_tiles, n),
+                        cfg.max_tries,
+                        rng,
+                    )
+                ]
                 if len(rows) > max_tiles:
-                    rows = rows[
-                        cap_tiles(crop_grid[rows] - crop_grid[rows].min(axis=0), max_tiles, rng)
-                    ]
-                out[kind].append(
-                    self._finish(feats, pos_grid, rows, spread, kind == "global", rng)
-                )
+                    rows = self._cap(crop_grid, rows, max_tiles, rng)
+                crop = self._finish(feats, pos_grid, rows, spread, kind == "global", rng)
+                crop["center"] = center
+                out[kind].append(crop)
         return out
+
+    def _cap(self, grid: np.ndarray, rows: np.ndarray, max_tiles: int, rng) -> np.ndarray:
+        """At most ``max_tiles`` of a window's ``rows``: ``thin`` subsamples them uniformly
+        over space (every region keeps its share, neighbours are lost); ``shrink`` keeps the
+        ``max_tiles`` tiles nearest a random tile of the window (Chebyshev distance, ties
+        at random): a smaller window at the tissue's full density."""
+        g = grid[rows]
+        if self.cfg.oversize == "thin":
+            return rows[cap_tiles(g - g.min(axis=0), max_tiles, rng)]
+        return rows[_nearest(g, max_tiles, rng)]
 
     def _jitter(self, x: torch.Tensor, spread, rng: np.random.Generator) -> torch.Tensor:
         """Embedding-level photometric augmentation, in place on the crop's own copy.

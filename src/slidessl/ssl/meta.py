@@ -156,7 +156,7 @@ class SSLMetaArch(nn.Module):
 
         with torch.no_grad():
             t_out = self.teacher["backbone"].forward_features(
-                g["features"], g["coords"], padding_mask=g["padding_mask"]
+                g["features"], g["coords"], padding_mask=g["padding_mask"], center=g.get("center")
             )
             t_logits = self.teacher["dino_head"](t_out["cls"])
             t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
@@ -172,14 +172,21 @@ class SSLMetaArch(nn.Module):
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
 
         s_out = self.student["backbone"].forward_features(
-            g["features"], g["coords"], padding_mask=g["padding_mask"], token_mask=mask
+            g["features"],
+            g["coords"],
+            padding_mask=g["padding_mask"],
+            token_mask=mask,
+            center=g.get("center"),
         )
         s_global = self.student["dino_head"](s_out["cls"]).chunk(n_g)
         s_local: tuple[torch.Tensor, ...] = ()
         if n_l > 0:
             loc = batch["local"]
             l_out = self.student["backbone"].forward_features(
-                loc["features"], loc["coords"], padding_mask=loc["padding_mask"]
+                loc["features"],
+                loc["coords"],
+                padding_mask=loc["padding_mask"],
+                center=loc.get("center"),
             )
             s_local = self.student["dino_head"](l_out["cls"]).chunk(n_l)
 
