@@ -10,7 +10,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from slidessl.data.formats import open_slide
 from slidessl.data.synthetic import LABEL_COLUMNS, MUTATIONS, make_cohort
-from slidessl.data.tissue import IMMUNE, TISSUE_TYPES, TUMOR
+from slidessl.data.tissue import FAT, IMMUNE, NECROSIS, NORMAL, STROMA, TISSUE_TYPES, TUMOR
 
 
 def _rows(manifest):
@@ -174,3 +174,52 @@ def test_infiltrated_is_spatial_not_compositional(cohort):
     assert _auc(pooled, y_high) > 0.75  # composition label: mean pooling solves it
     assert 0.25 < _auc(pooled, y_inf) < 0.72  # arrangement label: near chance
     assert _auc(np.array(contact), y_inf) > 0.85  # ... but a spatial statistic sees it
+
+
+def test_normal_apart_is_long_range(cohort):
+    """`normal_apart`: two normal foci far apart vs close, at equal composition; mean
+    pooling and neighbour co-occurrence (radii 1 and 3) near chance, a distance statistic of
+    the true types solves it."""
+    from scipy.spatial.distance import pdist
+
+    from slidessl.eval.prototypes import fit_prototypes, slide_vector
+
+    manifest, _ = cohort
+    rows = _rows(manifest)
+    recs = [open_slide(manifest.parent / r["path"]) for r in rows]
+    feats = [rec.read_features() for rec in recs]
+    y = np.array([int(r["normal_apart"]) for r in rows])
+    spread, fractions = [], []
+    for r, rec in zip(rows, recs):
+        types = _types(manifest, r)
+        fractions.append(np.mean(types == NORMAL))
+        spread.append([np.median(pdist(rec.grid[types == NORMAL].astype(float)))])
+    fractions = np.array(fractions)
+    assert abs(fractions[y == 1].mean() - fractions[y == 0].mean()) < 0.02
+    assert 0.25 < _auc(np.stack([f.mean(0) for f in feats]), y) < 0.72
+    model = fit_prototypes(feats, k=8, seed=0, radii=(1, 3))
+    cooc = np.stack([slide_vector(model, f, rec.grid, "cooc") for f, rec in zip(feats, recs)])
+    assert 0.25 < _auc(cooc, y) < 0.72
+    assert _auc(np.array(spread), y) > 0.85
+
+
+def test_normal_placement_leaves_other_tissue_alone(rng):
+    """The normal foci are placed with a generator of their own: every other tissue type
+    keeps its cells, and only normal/stroma tiles change their features."""
+    from slidessl.data import tissue
+    from slidessl.data.synthetic import make_slide
+
+    seed = int(rng.integers(1 << 20))
+    space = tissue.make_feature_space(8, np.random.default_rng([seed, 1]))
+    labels = {"tumor_high": 1, "infiltrated": 0, "subtype": 0, "normal_apart": 1}
+    base = make_slide(space, labels, np.random.default_rng([seed, 3]), 300, 900)
+    moved = make_slide(
+        space, labels, np.random.default_rng([seed, 3]), 300, 900, np.random.default_rng(seed)
+    )
+    assert np.array_equal(base[0], moved[0])  # coordinates
+    t0, t1 = base[1], moved[1]
+    assert np.bincount(t0, minlength=6).tolist() == np.bincount(t1, minlength=6).tolist()
+    same = np.isin(t0, [TUMOR, IMMUNE, NECROSIS, FAT])
+    assert np.array_equal(t0[same], t1[same])
+    assert set(np.unique(t1[t0 != t1])) <= {STROMA, NORMAL}
+    assert np.array_equal(base[2][t0 == t1], moved[2][t0 == t1])

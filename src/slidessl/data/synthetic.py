@@ -9,7 +9,10 @@ attributes, plus an extra ``tissue_type`` int8 dataset of ground truth) and
 - ``infiltrated``: spatial arrangement at equal composition (immune cells inside vs
   around the tumour) - mean pooling of tile features is near chance on it;
 - ``subtype``: multi-class strings (shifts the tumour tiles' features);
-- ``EGFR, FAT1, KRAS, LRP1B, TP53``: weak, noisy 0/1 "mutations" tied to the above.
+- ``EGFR, FAT1, KRAS, LRP1B, TP53``: weak, noisy 0/1 "mutations" tied to the above;
+- ``normal_apart``: long-range arrangement at equal composition: the normal tissue lies in
+  two foci far apart vs a few tiles apart (never closer than ``tissue.NORMAL_GAP``):
+  invisible to mean pooling and to neighbour co-occurrence at smaller radii.
 
 Labels are drawn per patient; some patients have several slides.
 """
@@ -25,7 +28,7 @@ import numpy as np
 from slidessl.data import tissue
 
 MUTATIONS = ("EGFR", "FAT1", "KRAS", "LRP1B", "TP53")
-LABEL_COLUMNS = ("tumor_high", "infiltrated", "subtype") + MUTATIONS
+LABEL_COLUMNS = ("tumor_high", "infiltrated", "subtype") + MUTATIONS + ("normal_apart",)
 DEFAULT_DIM = 128
 TYPICAL_TILES = 3000
 
@@ -105,11 +108,16 @@ def write_trident_h5(path: Path, features, coords, attrs: dict, extra: dict | No
             f.create_dataset(k, data=v)
 
 
-def make_slide(space, labels: dict, rng, min_tiles: int, max_tiles: int):
-    """Grid, tissue types, fp16 features and TRIDENT attributes of one slide."""
+def make_slide(space, labels: dict, rng, min_tiles: int, max_tiles: int, layout_rng=None):
+    """Grid, tissue types, fp16 features and TRIDENT attributes of one slide.
+
+    ``layout_rng`` (a generator of its own, so that every other draw is the same with or
+    without it) places the normal tissue by ``labels["normal_apart"]``."""
     grid = tissue.tissue_grid(rng, _tile_count(rng, min_tiles, max_tiles), min_tiles, max_tiles)
     fractions = tissue.draw_fractions(bool(labels["tumor_high"]), rng)
     types = tissue.assign_types(grid, fractions, bool(labels["infiltrated"]), rng)
+    if layout_rng is not None:
+        types = tissue.place_normal(grid, types, bool(labels["normal_apart"]), layout_rng)
     feats = tissue.tile_features(space, types, labels["subtype"], rng).astype(np.float16)
     level0_mag = int(rng.choice([40, 20], p=[0.8, 0.2]))
     psl0 = 256 * level0_mag // 20
@@ -151,13 +159,19 @@ def make_cohort(
     prng = np.random.default_rng([seed, 2])
     sizes = _patient_sizes(n_slides, prng)
     plabels = patient_labels(len(sizes), prng)
+    # drawn from a stream of their own: every earlier column and draw is unchanged
+    apart = _balanced(len(sizes), 2, np.random.default_rng([seed, 5]))
+    for lab, f in zip(plabels, apart):
+        lab["normal_apart"] = int(f)
     rows, truth = [], []
     index = 0
     for pid, (size, lab) in enumerate(zip(sizes, plabels)):
         patient = f"syn-p{pid:04d}"
         for k in range(size):
             rng = np.random.default_rng([seed, 3, index])
-            coords, types, feats, attrs, fr = make_slide(space, lab, rng, min_tiles, max_tiles)
+            coords, types, feats, attrs, fr = make_slide(
+                space, lab, rng, min_tiles, max_tiles, np.random.default_rng([seed, 4, index])
+            )
             sid = f"{patient}-s{k}"
             write_trident_h5(
                 out / "slides" / f"{sid}.h5",
@@ -174,6 +188,7 @@ def make_cohort(
                 "infiltrated": lab["infiltrated"],
                 "subtype": tissue.SUBTYPES[lab["subtype"]],
                 **lab["mutations"],
+                "normal_apart": lab["normal_apart"],
             }
             rows.append(row)
             counts = np.bincount(types, minlength=len(tissue.TISSUE_TYPES)) / len(types)

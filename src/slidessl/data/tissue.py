@@ -197,6 +197,60 @@ def assign_types(
     return types
 
 
+NORMAL_GAP = 5.0  # grid distance below which the two normal foci never come
+
+
+def _blob(grid: np.ndarray, cand: np.ndarray, seed: np.ndarray, count: int, rng) -> np.ndarray:
+    """The ``count`` candidate cells nearest ``seed`` (a compact blob; ties at random)."""
+    d = np.hypot(*(grid[cand] - seed).T) + 0.01 * rng.random(len(cand))
+    return cand[np.argsort(d, kind="stable")[:count]]
+
+
+def place_normal(
+    grid: np.ndarray, types: np.ndarray, apart: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """Rearrange the normal tiles into two equal foci, far ``apart`` or close together.
+
+    Tumour, immune, necrosis and fat keep their cells; the normal tiles become stroma and
+    the same number of stroma cells become normal, as two compact blobs of (almost) equal
+    size. Focus 1 grows around a random stroma cell. Focus 2 grows among the stroma cells at
+    least ``NORMAL_GAP`` from focus 1, around a seed drawn from the 10% of them farthest
+    from focus 1 (``apart``) or closest to ``NORMAL_GAP`` plus its own radius (close: a gap
+    of about ``NORMAL_GAP`` cells). Composition and each focus's surroundings are alike in
+    both cases; only the distance between the foci differs, and it is never below
+    ``NORMAL_GAP``, so neighbour co-occurrence at smaller radii cannot tell them apart.
+    """
+    from scipy.spatial import cKDTree
+
+    out = types.copy()
+    count = int((types == NORMAL).sum())
+    if count < 2:
+        return out
+    out[out == NORMAL] = STROMA
+    cand = np.flatnonzero(out == STROMA)
+    first = _blob(grid, cand, grid[cand[rng.integers(len(cand))]], count // 2, rng)
+    rest = np.setdiff1d(cand, first)
+    if len(rest) == 0:
+        out[first] = NORMAL
+        return out
+    dist = cKDTree(grid[first]).query(grid[rest])[0]
+    ok = dist >= NORMAL_GAP
+    if ok.sum() < count - len(first):  # no room for a gap: the farthest cells
+        ok = np.zeros(len(rest), dtype=bool)
+        ok[np.argsort(-dist, kind="stable")[: count - len(first)]] = True
+    rest, dist = rest[ok], dist[ok]
+    top = max(1, len(rest) // 10)
+    if apart:
+        pool = np.argsort(-dist, kind="stable")[:top]
+    else:
+        target = NORMAL_GAP + np.sqrt((count - len(first)) / np.pi)
+        pool = np.argsort(np.abs(dist - target), kind="stable")[:top]
+    second = _blob(grid, rest, grid[rest[rng.choice(pool)]], count - len(first), rng)
+    out[first] = NORMAL
+    out[second] = NORMAL
+    return out
+
+
 def draw_fractions(tumor_high: bool, rng: np.random.Generator) -> np.ndarray:
     """Composition of one slide; only the tumour fraction depends on a label."""
     p = np.zeros(len(TISSUE_TYPES))
