@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -9,9 +10,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def seed_for(nodeid: str) -> int:
+    """The seed of a test: derived from its id, so a failure replays exactly."""
+    return zlib.crc32(nodeid.encode())
+
+
 @pytest.fixture
-def rng():
-    """A fresh, seeded-per-test numpy generator (seed printed on failure via the test id)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"rng seed {seed}")
+def rng(request):
+    """A numpy generator seeded from the test id (printed: shown with a failure's output).
+    The torch global RNG is seeded from the same value."""
+    seed = seed_for(request.node.nodeid)
+    print(f"rng seed {seed} ({request.node.nodeid})")
+    torch.manual_seed(seed)
     return np.random.default_rng(seed)
