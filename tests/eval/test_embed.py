@@ -63,3 +63,57 @@ def test_random_encoder_is_seeded_and_errors_are_clear(rng):
         parse_pooling("max")
     with pytest.raises(ValueError, match="tile features have dim 7"):
         embed_batch(a, slides(rng, 1, 7), "cls")
+
+
+def test_regions_of_tiles_the_grid():
+    from slidessl.eval.embed import regions_of
+
+    g = torch.stack(torch.meshgrid(torch.arange(10), torch.arange(6), indexing="xy"), -1)
+    g = g.reshape(-1, 2) + 3
+    groups = regions_of(g, 4, min_tiles=1)
+    assert sorted(torch.cat(groups).tolist()) == list(range(60))  # a partition
+    for r in groups:  # each group inside one 4 x 4 cell of the shifted grid
+        cell = torch.div(g[r], 4, rounding_mode="floor")  # cells at multiples of 4
+        assert (cell == cell[0]).all()
+    # x 3..12, y 3..8 meet 4 x 3 cells; the 4 corner cells hold one tile (< 2): dropped
+    assert len(regions_of(g, 4)) == 8
+    assert len(regions_of(g[:3], 8, min_tiles=5)) == 1  # none qualifies: the whole slide
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_region_pooling_is_the_mean_region_cls(rng, local):
+    """`regions:S`: the mean CLS over the regions of the four half-offset tilings; an
+    all-local encoder computes tiles once (forward_regions), any other runs each region."""
+    from slidessl.eval.embed import region_embedding, regions_of
+    from slidessl.models import build_encoder
+
+    kw = dict(local_kernel=3, local_depth=2, pos_mode="none") if local else {}
+    enc = build_encoder("tiny", in_dim=12, attention="dense", input_center=True, **kw).eval()
+    item = slides(rng, 1)[0]
+    g = item["grid"]
+    with torch.no_grad():
+        got = region_embedding(enc, item, 4)
+        groups = [
+            r for s in ((0, 0), (2, 0), (0, 2), (2, 2)) for r in regions_of(g + torch.tensor(s), 4)
+        ]
+        center = item["features"].mean(0)
+        if local:
+            want = enc.forward_regions(item["features"], g, groups, center).mean(0)
+        else:
+            want = torch.stack(
+                [
+                    enc.forward_features(
+                        item["features"][r][None],
+                        (g[r] - g[r].min(0).values)[None],
+                        center=center[None],
+                    )["cls"][0]
+                    for r in groups
+                ]
+            ).mean(0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        two = embed_batch(enc, [item], "regions:4,8")
+        assert two.shape == (1, 128)
+        np.testing.assert_allclose(two[0, :64], got.numpy(), rtol=1e-5, atol=1e-5)
+    assert parse_pooling("regions:8,24") == ("regions", [8, 24])
+    with pytest.raises(ValueError, match="unknown pooling"):
+        parse_pooling("regions:0")

@@ -142,3 +142,31 @@ def test_bad_inputs_name_the_file(cohort, tmp_path, capsys):
         ["probe", str(emb), str(cohort), "--task", "nope", "--out", str(tmp_path)],
         "no label column",
     )
+
+
+@pytest.mark.parametrize("spec,dim", [("prototypes:4", 4 + 4 * 16), ("cooc:4", 4 + 4 * 16 + 20)])
+def test_embed_prototype_baselines(cohort, tmp_path, capsys, spec, dim):
+    """The label-free baselines are `slidessl embed` encoders: seeded, resumable, label-free
+    (a manifest without label columns gives the same vectors)."""
+    import csv
+
+    emb = tmp_path / "p.h5"
+    assert main(["embed", spec, str(cohort), "--out", str(emb)]) == 0
+    ids, X, attrs = read_embeddings(emb)
+    assert X.shape == (40, dim) and attrs["encoder"].startswith(spec + ":seed0:")
+    assert main(["embed", spec, str(cohort), "--out", str(emb)]) == 0
+    assert "embedded 0 slides (40 already there)" in capsys.readouterr().out
+    rows = list(csv.DictReader(cohort.open()))
+    bare = tmp_path / "bare.csv"
+    with bare.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "path"])
+        w.writerows([r["slide_id"], str(cohort.parent / r["path"])] for r in rows)
+    other = tmp_path / "bare.h5"
+    assert main(["embed", spec, str(bare), "--out", str(other)]) == 0
+    ids2, X2, _ = read_embeddings(other)
+    assert ids2 == ids
+    np.testing.assert_array_equal(X2, X)
+    # another seed is another fit: refusing to resume into the first file names it
+    assert main(["embed", spec, str(cohort), "--out", str(emb), "--seed", "1"]) == 2
+    assert "p.h5" in capsys.readouterr().err

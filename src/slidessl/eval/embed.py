@@ -8,14 +8,20 @@
 - ``random`` / ``random:PRESET`` / ``random:PATH``: a randomly initialised encoder of a
   preset (default ``tiny``) or of the architecture of an export at PATH, with the input dim
   taken from the data (seeded: the same random weights every run);
+- ``prototypes[:K[:kmeans|gmm]]`` / ``cooc[:K[:...]]``: the label-free prototype baselines
+  of :mod:`slidessl.eval.prototypes`, fitted on the tiles of the slides being embedded
+  (K = 16 k-means prototypes by default; seeded);
 - ``gigapath:PATH``: a local Prov-GigaPath ``slide_encoder.pth``: :func:`run_embed` hands it
   to :mod:`slidessl.eval.gigapath_embed`, the published forward on the files as they are
   (row order, Prov-GigaPath positions; its own pooling names). ``build_embedder`` gives the
   loaded encoder for slidessl's own conventions (spatial order, origin-free grid).
 
 Pooling: ``cls`` (final CLS), ``mean`` (mean of the final tokens over real tiles),
-``pooled`` (the encoder's configured pool), or ``layers:I,J,...`` (the concatenation of the
-pooled outputs of blocks I, J, ... - negative indices count from the last block).
+``pooled`` (the encoder's configured pool), ``layers:I,J,...`` (the concatenation of the
+pooled outputs of blocks I, J, ... - negative indices count from the last block), or
+``regions:S[,T...]`` (the mean over the slide's S x S-tile regions, at a stride of S / 2,
+of each region's CLS, concatenated over the sides given: the readout of an encoder
+pretrained on region-sized crops, as HIPT reads region embeddings).
 
 Every slide is read whole up to ``max_tiles`` (a seeded, spatially uniform subsample above
 it), in spatial order, in eval mode under ``torch.no_grad``: deterministic. Slides are
@@ -32,22 +38,89 @@ import torch
 
 from slidessl.data.collate import pad_crops
 from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
+from slidessl.eval.prototypes import PrototypeEmbedder, is_prototype_spec
 
 log = logging.getLogger(__name__)
 POOLINGS = ("cls", "mean", "pooled")
 
 
 def parse_pooling(pooling: str) -> tuple[str, list[int] | None]:
+    """``(kind, ints)``: ``layers:I,J`` -> block indices, ``regions:S[,T]`` -> region sides."""
     if pooling in POOLINGS:
         return pooling, None
-    if pooling.startswith("layers:"):
-        try:
-            layers = [int(t) for t in pooling[len("layers:") :].split(",") if t.strip()]
-        except ValueError as exc:
-            raise ValueError(f"pooling {pooling!r}: layer indices must be integers") from exc
-        if layers:
-            return "layers", layers
-    raise ValueError(f"unknown pooling {pooling!r}; use cls, mean, pooled or layers:-1,-2")
+    for kind in ("layers", "regions"):
+        if pooling.startswith(kind + ":"):
+            try:
+                ints = [int(t) for t in pooling[len(kind) + 1 :].split(",") if t.strip()]
+            except ValueError as exc:
+                raise ValueError(f"pooling {pooling!r}: {kind} must be integers") from exc
+            if ints and (kind == "layers" or min(ints) >= 1):
+                return kind, ints
+    raise ValueError(
+        f"unknown pooling {pooling!r}; use cls, mean, pooled, layers:-1,-2 or regions:8"
+    )
+
+
+def regions_of(grid: torch.Tensor, side: int, min_tiles: int | None = None) -> list:
+    """Row indices of the tiles in each grid-aligned ``side`` x ``side`` region that holds
+    at least ``min_tiles`` tiles (default ``side * side // 8``, at least 1); the whole slide
+    when no region does."""
+    if min_tiles is None:
+        min_tiles = max(1, side * side // 8)
+    cell = torch.div(grid, side, rounding_mode="floor")
+    cell = cell - cell.min(dim=0).values
+    key = cell[:, 0] * (int(cell[:, 1].max()) + 1) + cell[:, 1]
+    order = torch.argsort(key, stable=True)
+    counts = torch.unique_consecutive(key[order], return_counts=True)[1]
+    groups = [g for g in torch.split(order, counts.tolist()) if len(g) >= min_tiles]
+    return [torch.sort(g).values for g in groups] or [torch.arange(len(grid))]
+
+
+def _shares_tiles(encoder) -> bool:
+    """Whether a tile's token is the same in every region that holds it (up to the region's
+    border): every block local and no absolute position added to the tiles."""
+    blocks = getattr(encoder, "blocks", None)
+    return bool(blocks) and all(getattr(b, "local", False) for b in blocks) and (
+        encoder.config.get("pos_mode") == "none"
+    )
+
+
+def region_embedding(encoder, item: dict, side: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean over the slide's ``side`` x ``side`` regions of the encoder's CLS of each region:
+    the readout of an encoder pretrained on region-sized crops.
+
+    Regions tile the grid at a stride of ``side / 2`` (the four grid-aligned tilings offset
+    by half a region, `regions_of` each), so every tile lies in four regions and no
+    structure is cut by one fixed region border. Features are centred on the *slide's* mean
+    when the encoder centres its input. An encoder whose blocks are all local and whose
+    tiles carry no absolute position computes the tile tokens once on the whole slide
+    (:meth:`SlideEncoder.forward_regions`: tiles keep their true neighbours across region
+    borders); any other runs each region as an input of its own, positions relative to
+    the region.
+    """
+    x, g = item["features"], item["grid"]
+    center = x.double().mean(dim=0).float()
+    half = side // 2
+    shifts = [(0, 0)] if half == 0 else [(0, 0), (half, 0), (0, half), (half, half)]
+    groups = [r for dx, dy in shifts for r in regions_of(g + g.new_tensor([dx, dy]), side)]
+    if _shares_tiles(encoder):  # tile tokens once for the slide, one CLS per region
+        return encoder.forward_regions(x, g, groups, center).double().mean(dim=0).float()
+    total = None
+    for s in range(0, len(groups), batch_size):
+        crops = [
+            {"features": x[r], "coords": g[r] - g[r].min(dim=0).values}
+            for r in groups[s : s + batch_size]
+        ]
+        batch = pad_crops(crops)
+        cls = encoder.forward_features(
+            batch["features"],
+            batch["coords"],
+            batch["padding_mask"],
+            center=center.expand(len(crops), -1),
+        )["cls"]
+        part = cls.double().sum(dim=0)
+        total = part if total is None else total + part
+    return (total / len(groups)).float()
 
 
 def build_embedder(spec: str, in_dim: int, seed: int = 0):
@@ -113,6 +186,8 @@ def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
     """(B, E) slide vectors for a list of slide dicts (``features``, ``grid``)."""
     if encoder is None:
         return np.stack([it["features"].double().mean(0).float().numpy() for it in items])
+    if isinstance(encoder, PrototypeEmbedder):
+        return encoder(items)
     kind, layers = parse_pooling(pooling)
     x, g, mask = pad_batch(items)
     if x.shape[-1] != encoder.in_dim:
@@ -122,6 +197,13 @@ def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
         )
     if kind == "layers":
         return encoder.embed(x, g, mask, layers=layers).float().numpy()
+    if kind == "regions":
+        return np.stack(
+            [
+                torch.cat([region_embedding(encoder, it, side) for side in layers]).numpy()
+                for it in items
+            ]
+        )
     out = encoder.forward_features(x, g, mask)
     if kind == "cls":
         return out["cls"].float().numpy()
@@ -171,6 +253,15 @@ def run_embed(
         manifest = load_manifest(manifest)
     out = Path(out)
     spec_key = _spec_key(encoder_spec)
+    prototypes = None
+    if is_prototype_spec(encoder_spec):
+        # fitted on the whole cohort (no labels), before any slide is embedded: the key
+        # names the fit, so a resumed file must come from the same prototypes
+        full = SlideDataset(
+            manifest, max_tiles=max_tiles, order="hilbert", on_bad_slide=on_bad_slide, seed=seed
+        )
+        prototypes = PrototypeEmbedder.fit(encoder_spec, full, seed)
+        spec_key = f"{encoder_spec}:seed{seed}:{prototypes.model.digest()}"
     done: set[str] = set()
     if out.exists():
         ids, _, attrs = read_embeddings(out)
@@ -190,7 +281,10 @@ def run_embed(
     ds = SlideDataset(
         sub, max_tiles=max_tiles, order="hilbert", on_bad_slide=on_bad_slide, seed=seed
     )
-    encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
+    if prototypes is not None:
+        encoder, desc = prototypes, spec_key
+    else:
+        encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
     attrs_new = {
         "encoder": desc,
         "spec": spec_key,
