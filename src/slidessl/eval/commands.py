@@ -1,4 +1,4 @@
-"""``slidessl embed | probe | abmil | retrieve | report | demo`` (see docs/evaluation.md)."""
+"""``slidessl embed | probe | abmil | retrieve | report | diagnose | demo`` (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,22 @@ def register(sub) -> None:
     p.add_argument("--maps", type=int, default=3, help="slides to map (3)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser(
+        "diagnose",
+        help="why an encoder does (not) beat simple aggregation: coordinate shuffle, "
+        "slide-identity leakage, per-layer probes",
+    )
+    p.add_argument("encoder", help="as for embed (teacher export, meanpool, random:...)")
+    p.add_argument("manifest")
+    p.add_argument("--task", action="append", required=True, help=TASK_HELP)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pooling", default="mean", help="slide vector for the first two checks")
+    p.add_argument("--max-tiles", type=int, default=4000)
+    p.add_argument("--k", type=int, default=5, help="folds of the per-layer probes (5)")
+    p.add_argument("--folds", help="folds file to share with other methods")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_diagnose)
+
     p = sub.add_parser("demo", help="synthetic cohort -> pretrain -> embed -> probe -> report")
     p.add_argument("--out", required=True)
     p.add_argument("--manifest", help="use this cohort instead of a synthetic one")
@@ -83,7 +99,23 @@ def register(sub) -> None:
     p.add_argument("--slides", type=int, default=180, help="synthetic slides (180)")
     p.add_argument("--k", type=int, default=5, help="folds (5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="demo", help="pretraining recipe (demo)")
+    p.add_argument(
+        "--recipes",
+        default="dino,dinov2,dinov2_grid",
+        help="pretraining recipes to compare, comma-separated (dino,dinov2,dinov2_grid)",
+    )
+    p.add_argument(
+        "--overlay",
+        default="cpu",
+        help="recipe merged over each one (cpu: the CPU sizes of configs/cpu.yaml; '' = none)",
+    )
+    p.add_argument(
+        "--pooling",
+        default="mean",
+        help="slide vector of the pretrained and random-init encoders (mean; see embed)",
+    )
+    p.add_argument("--prototypes", type=int, default=16, help="K of prototypes / cooc (16)")
+    p.add_argument("--gigapath", help="also compare this Prov-GigaPath slide_encoder.pth")
     p.add_argument("--encoder", help="evaluate this teacher export instead of pretraining")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     p.set_defaults(func=cmd_demo)
@@ -93,6 +125,25 @@ def _manifest(path, check_files: bool = True):
     from slidessl.data.manifest import load_manifest
 
     return load_manifest(path, check_files=check_files)
+
+
+def cmd_diagnose(args) -> int:
+    from slidessl.eval.diagnose import format_diagnose, run_diagnose
+
+    result = run_diagnose(
+        args.encoder,
+        args.manifest,
+        args.task,
+        args.out,
+        pooling=args.pooling,
+        max_tiles=args.max_tiles,
+        k=args.k,
+        seed=args.seed,
+        folds=args.folds,
+    )
+    print(format_diagnose(result))
+    print(f"written: {Path(args.out) / 'diagnose.json'}")
+    return 0
 
 
 def cmd_embed(args) -> int:
