@@ -45,8 +45,12 @@ def test_free_form_sections_accept_new_keys():
 
 @pytest.mark.parametrize(
     "override,match",
-    [("train.precision=fp16", "precision"), ("train.batch_size=0", "batch_size"),
-     ("dino.centering=none", "centering"), ("noequals", "key=value")],
+    [
+        ("train.precision=fp16", "precision"),
+        ("train.batch_size=0", "batch_size"),
+        ("dino.centering=none", "centering"),
+        ("noequals", "key=value"),
+    ],
 )
 def test_bad_values_are_clear_errors(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -63,3 +67,13 @@ def test_all_shipped_recipes_load():
     assert {"default", "dino", "dinov2", "dinov2_grid", "demo"} <= set(names)
     for name in names:
         assert load_config(name)["train"]["epochs"] >= 1
+
+
+def test_recipes_join_with_plus():
+    cfg = load_config("dinov2+cpu")
+    assert cfg["ibot"]["loss_weight"] == 1.0  # from dinov2
+    assert cfg["model"]["name"] == "tiny"  # from the cpu sizes, merged over the recipe
+    assert cfg["model"]["overrides"]["local_depth"] >= 1  # dinov2's own overrides kept
+    assert "cpu.yaml" in cfg["_meta"]["recipe"] and "dinov2.yaml" in cfg["_meta"]["recipe"]
+    with pytest.raises(ConfigError, match="nope"):
+        load_config("dinov2+nope")

@@ -84,6 +84,7 @@ class MultiCropConfig:
     order: str = "hilbert"
     flip: bool = True
     rot90: bool = True
+    translate: int = 0
     feature_noise: float = 0.0
     feature_shift: float = 0.0
     feature_gain: float = 0.0
@@ -138,6 +139,8 @@ class MultiCropConfig:
                 )
         if self.region_max_tiles is not None and int(self.region_max_tiles) < 1:
             raise ValueError(f"crops.region_max_tiles must be >= 1, got {self.region_max_tiles}")
+        if int(self.translate) < 0:
+            raise ValueError(f"crops.translate must be >= 0, got {self.translate}")
         if self.band_height is not None and int(self.band_height) < 1:
             raise ValueError(f"crops.band_height must be >= 1, got {self.band_height}")
         for name in ("feature_noise", "feature_shift"):
@@ -353,6 +356,8 @@ class MultiCrop:
         flip = bool(rng.integers(2)) if cfg.flip else False
         if k or flip:
             coords = _rotate_flip(coords, k, flip)
+        if cfg.translate > 0:  # a random origin: absolute positions carry no cue
+            coords = coords + rng.integers(0, cfg.translate + 1, 2)
         perm = spatial_order(coords, cfg.order)
         rows, coords = rows[perm], coords[perm]
         x = feats[torch.from_numpy(rows)]

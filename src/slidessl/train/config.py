@@ -5,7 +5,9 @@ The layering follows facebookresearch/dinov2 (``ssl_default_config.yaml`` + a re
 
 1. ``default.yaml`` (shipped inside the package) defines every key and its default.
 2. The recipe YAML (``dino.yaml``, ``dinov2.yaml``, ...) changes some of them. A recipe may
-   name a parent recipe with ``base: other.yaml`` (resolved next to it).
+   name a parent recipe with ``base: other.yaml`` (resolved next to it), or several,
+   ``base: [dinov2.yaml, cpu.yaml]``, applied in order; ``load_config("dinov2+cpu")`` does
+   the same from the command line.
 3. Overrides ``a.b.c=value`` from the command line; values are parsed as YAML, so
    ``train.epochs=3``, ``optim.betas=[0.9,0.95]`` and ``data.manifest=null`` all work.
 
@@ -135,36 +137,51 @@ def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     if path in seen:
         raise ConfigError(f"{path}: recipe 'base' chain loops back on itself")
     data = _read_yaml(path)
-    base = data.pop("base", None)
+    bases = data.pop("base", None) or []
     chain: list[tuple[Path, dict]] = []
-    if base:
+    for base in [bases] if isinstance(bases, str) else bases:
         parent = Path(base)
         if not parent.is_absolute():
             parent = path.parent / parent
         if not parent.is_file():
             raise ConfigError(f"{path}: base recipe '{base}' not found")
-        chain = _load_recipe(parent, (*seen, path))
+        chain += _load_recipe(parent, (*seen, path))
     chain.append((path, data))
     return chain
+
+
+def _recipe_names(path) -> list:
+    """``"dinov2+cpu"`` (not an existing file) -> ``["dinov2", "cpu"]``: recipes applied in
+    order, each with its ``base`` chain."""
+    if isinstance(path, (list, tuple)):
+        return list(path)
+    if isinstance(path, str) and "+" in path and not Path(path).is_file():
+        return [p for p in path.split("+") if p]
+    return [path]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Return the merged config dict: default, then recipe ``path``, then ``overrides``.
 
-    ``cfg["_meta"]`` records the recipe file and the overrides (saved with each run).
+    ``path`` may join recipes with ``+`` (``"dinov2+cpu"``: the ``cpu`` sizes over the
+    ``dinov2`` recipe). ``cfg["_meta"]`` records the recipe files and the overrides (saved
+    with each run).
     """
     cfg = _read_yaml(DEFAULT_CONFIG)
     recipe_file = None
     if path is not None:
-        recipe_file = resolve_recipe(path)
-        if recipe_file.resolve() != DEFAULT_CONFIG.resolve():
-            for source, data in _load_recipe(recipe_file):
+        files = [resolve_recipe(name) for name in _recipe_names(path)]
+        recipe_file = "+".join(str(f) for f in files)
+        for f in files:
+            if f.resolve() == DEFAULT_CONFIG.resolve():
+                continue
+            for source, data in _load_recipe(f):
                 cfg = merge(cfg, data, source=str(source))
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     validate(cfg)
     cfg["_meta"] = {
-        "recipe": str(recipe_file) if recipe_file else None,
+        "recipe": recipe_file,
         "overrides": list(overrides or []),
     }
     return cfg
