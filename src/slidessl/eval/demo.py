@@ -2,13 +2,16 @@
 
 1. a synthetic cohort (``slidessl.data.synthetic.make_cohort``) in ``OUT/cohort`` unless
    ``--manifest`` is given;
-2. pretraining with the ``demo`` recipe (``slidessl.train``) into ``OUT/pretrain``;
-3. slide embeddings of the pretrained teacher (CLS), mean pooling of tile features, and a
-   randomly initialised encoder of the same architecture - slides read once, capped at the
-   recipe's ``data.max_tiles``;
+2. pretraining of each recipe (``dino``, ``dinov2``, ``dinov2_grid`` by default) with the
+   CPU sizes of ``configs/cpu.yaml`` (``RECIPE+cpu``) into ``OUT/pretrain/RECIPE``;
+3. slide embeddings of every pretrained teacher and of a random-init encoder of the same
+   architecture (``--pooling``), mean pooling of tile features, and the label-free
+   ``prototypes`` / ``cooc`` baselines fitted on the cohort's tiles (and ``gigapath:PATH``
+   with ``--gigapath``) - slides read once, capped at the recipes' ``data.max_tiles``;
 4. the linear probe of each on the same patient-grouped folds (``OUT/folds.json``), ABMIL
    on the same folds, leave-one-patient-out retrieval;
-5. ``slidessl report OUT``; prints the table and the report's path.
+5. ``slidessl report OUT``; prints the table, the verdict of each pretrained recipe against
+   the baselines, and the report's path.
 """
 
 from __future__ import annotations
@@ -17,33 +20,120 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_TASKS = "tumor_high,infiltrated,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53"
-FOCUS = "pretrained"
+DEFAULT_TASKS = "tumor_high,infiltrated,normal_apart,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53"
+DEFAULT_RECIPES = "dino,dinov2,dinov2_grid"
+PROTOTYPE_BASELINES = ("prototypes", "cooc")
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(args) -> int:
+def _pretrain_all(args, manifest_path: Path, out: Path) -> tuple[dict, dict]:
+    """``({recipe: teacher folder}, the first recipe's config)``, pretraining each recipe."""
+    from slidessl.train.config import load_config
+    from slidessl.train.loop import pretrain
+
+    teachers, first = {}, None
+    recipes = [r for r in args.recipes.split(",") if r]
+    if not recipes:
+        raise ValueError("--recipes names no recipe")
+    for recipe in recipes:
+        name = f"{recipe}+{args.overlay}" if args.overlay else recipe
+        cfg = load_config(
+            name,
+            [
+                f"data.manifest={manifest_path}",
+                f"out={out / 'pretrain' / recipe}",
+                f"seed={args.seed}",
+                *args.overrides,
+            ],
+        )
+        first = first or cfg
+        if args.encoder:
+            break
+        _log(f"pretraining {name} -> {cfg['out']}")
+        teachers[Path(recipe).stem] = Path(pretrain(cfg)) / "teacher"
+    if args.encoder:  # evaluate an existing export instead of pretraining
+        _log(f"skipping pretraining: evaluating {args.encoder}")
+        teachers = {"pretrained": Path(args.encoder)}
+    return teachers, first
+
+
+def _embed_all(args, teachers: dict, items: list, feature_dim: int, cap: int, out: Path):
+    """``{method: (slide_ids, (n, E) float32)}`` and ``{method: description}``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import torch
 
+    from slidessl.eval.embed import build_embedder, embed_items
+    from slidessl.eval.embed_io import EmbeddingWriter
+    from slidessl.eval.prototypes import PrototypeEmbedder
+
+    specs = {name: str(t) for name, t in teachers.items()}
+    specs["random-init"] = f"random:{next(iter(teachers.values()))}"
+    specs["meanpool"] = "meanpool"
+    # Encoders are built one after the other (the random init draws from the global RNG),
+    # then run on two threads with one intra-op thread each: robust on a shared CPU.
+    built = {
+        name: build_embedder(spec, feature_dim, seed=args.seed) for name, spec in specs.items()
+    }
+    for kind in PROTOTYPE_BASELINES:
+        spec = f"{kind}:{args.prototypes}"
+        built[kind] = (
+            PrototypeEmbedder.fit_items(spec, items, args.seed),
+            f"{spec}:seed{args.seed}",
+        )
+        specs[kind] = spec
+    pooling = {name: args.pooling for name in built}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            vectors = dict(
+                zip(
+                    built,
+                    pool.map(
+                        lambda kv: embed_items(kv[1][0], items, pooling[kv[0]], batch_size=8),
+                        built.items(),
+                    ),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    emb, desc = {}, {}
+    for name, (ids, vecs) in vectors.items():
+        desc[name] = built[name][1]
+        path = out / "embeddings" / f"{name}.h5"
+        path.unlink(missing_ok=True)
+        attrs = {"encoder": desc[name], "pooling": pooling[name], "max_tiles": cap}
+        with EmbeddingWriter(path, attrs) as w:
+            w.write(ids, vecs)
+        emb[name] = (ids, vecs.astype(np.float32))
+    if args.gigapath:
+        from slidessl.eval.embed import run_embed
+        from slidessl.eval.embed_io import read_embeddings
+
+        path = out / "embeddings" / "gigapath.h5"
+        path.unlink(missing_ok=True)
+        run_embed(f"gigapath:{args.gigapath}", args.manifest_path, path, "cls", progress=False)
+        ids, vecs, attrs = read_embeddings(path)
+        emb["gigapath"], desc["gigapath"] = (ids, vecs), attrs.get("encoder", "gigapath")
+        specs["gigapath"] = f"gigapath:{args.gigapath}"
+    return emb, specs
+
+
+def run_demo(args) -> int:
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
     from slidessl.eval.abmil import ABMILConfig, run_abmil
-    from slidessl.eval.embed import build_embedder, embed_items
-    from slidessl.eval.embed_io import EmbeddingWriter
     from slidessl.eval.folds import resolve_folds
     from slidessl.eval.probe import run_probe
     from slidessl.eval.report import make_report
     from slidessl.eval.results import format_table, summarize, write_results
     from slidessl.eval.retrieval import run_retrieval
     from slidessl.eval.tasks import build_tasks
-    from slidessl.train.config import load_config
-    from slidessl.train.loop import pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,28 +150,13 @@ def run_demo(args) -> int:
             _log(f"synthesising {args.slides} slides into {out / 'cohort'}")
             make_cohort(out / "cohort", args.slides, seed=args.seed, max_tiles=4000)
         specs = args.task or [DEFAULT_TASKS]
+    args.manifest_path = manifest_path
     manifest = load_manifest(manifest_path)
     tasks = build_tasks(manifest, specs)
     timings["cohort"] = time.time() - t0
 
     t = time.time()
-    cfg = load_config(
-        args.recipe,
-        [
-            f"data.manifest={manifest_path}",
-            f"out={out / 'pretrain'}",
-            f"seed={args.seed}",
-            *args.overrides,
-        ],
-    )
-    if args.encoder:  # evaluate an existing export instead of pretraining
-        teacher = Path(args.encoder)
-        run = teacher.parent
-        _log(f"skipping pretraining: evaluating {teacher}")
-    else:
-        _log(f"pretraining recipe {args.recipe!r} -> {cfg['out']}")
-        run = Path(pretrain(cfg))
-        teacher = run / "teacher"
+    teachers, cfg = _pretrain_all(args, manifest_path, out)
     timings["pretrain"] = time.time() - t
 
     t = time.time()
@@ -90,41 +165,14 @@ def run_demo(args) -> int:
     items = [it for it in (ds[i] for i in range(len(ds))) if it is not None]
     timings["read_slides"] = time.time() - t
     t = time.time()
-    methods = {FOCUS: str(teacher), "meanpool": "meanpool", "random-init": f"random:{teacher}"}
-    emb = {}
-    # Encoders are built one after the other (the random init draws from the global RNG),
-    # then run on two threads with one intra-op thread each: robust on a shared CPU.
-    built = {
-        name: build_embedder(spec, ds.feature_dim, seed=args.seed) for name, spec in methods.items()
-    }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            vectors = dict(
-                zip(
-                    built,
-                    pool.map(
-                        lambda enc: embed_items(enc[0], items, "cls", batch_size=8), built.values()
-                    ),
-                )
-            )
-    finally:
-        torch.set_num_threads(threads)
-    for name, (ids, vecs) in vectors.items():
-        desc = built[name][1]
-        path = out / "embeddings" / f"{name}.h5"
-        path.unlink(missing_ok=True)
-        with EmbeddingWriter(path, {"encoder": desc, "pooling": "cls", "max_tiles": cap}) as w:
-            w.write(ids, vecs)
-        emb[name] = (ids, vecs.astype(np.float32), {"encoder": desc})
+    emb, methods = _embed_all(args, teachers, items, ds.feature_dim, cap, out)
     timings["embed"] = time.time() - t
 
     t = time.time()
     folds_path = out / "folds.json"
     folds_path.unlink(missing_ok=True)
     tables = []
-    for name, (ids, X, _) in emb.items():
+    for name, (ids, X) in emb.items():
         res = run_probe(
             ids,
             X,
@@ -135,12 +183,8 @@ def run_demo(args) -> int:
             n_boot=500,
             where=str(out / "embeddings" / f"{name}.h5"),
         )
-        write_results(
-            out / "probe" / name,
-            name,
-            *res,
-            extra={"kind": "linear-probe", "encoder": methods[name]},
-        )
+        kind = {"encoder": methods[name], "pooling": args.pooling}
+        write_results(out / "probe" / name, name, *res, extra={"kind": "linear-probe", **kind})
         tables.append(format_table(name, {tk.name: s for tk, s in zip(res[0], res[3])}))
     timings["probe"] = time.time() - t
 
@@ -175,23 +219,33 @@ def run_demo(args) -> int:
     single = [tk for tk in tasks if tk.kind != "multilabel" and len(tk.columns) == 1]
     for name, e in emb.items():
         for tk in single:
-            run_retrieval(e, manifest, tk.columns[0], out / "retrieval" / name / tk.name, name)
+            run_retrieval(
+                (*e, {"encoder": methods[name]}),
+                manifest,
+                tk.columns[0],
+                out / "retrieval" / name / tk.name,
+                name,
+            )
     timings["retrieval"] = time.time() - t
 
     t = time.time()
+    pretrained = list(teachers)
     meta = {
         "manifest": str(manifest_path.resolve()),
-        "encoder": str(teacher.resolve()),
-        "pretrain_dir": str(run.resolve()),
-        "focus": FOCUS,
+        "encoder": str(next(iter(teachers.values())).resolve()),
+        "pretrain_dirs": {k: str(v.parent.resolve()) for k, v in teachers.items()},
+        "focus": pretrained,
         "methods": {**methods, "abmil": "gated-attention ABMIL on tile features"},
+        "pooling": args.pooling,
         "tasks": [tk.name for tk in tasks],
         "k": args.k,
         "description": (
-            f"Demo: `{args.recipe}` recipe pretrained on {len(manifest.entries)} slides; "
-            f"linear probes of the pretrained teacher's CLS embedding, mean pooling and a "
-            f"random-init encoder of the same architecture, and ABMIL, on the same {args.k} "
-            f"patient-grouped folds. Slides capped at {cap} tiles."
+            f"Demo: recipes {', '.join(f'`{r}`' for r in pretrained)} pretrained "
+            f"({args.overlay or 'full'} sizes) on {len(manifest.entries)} slides; linear probes "
+            f"of each teacher's `{args.pooling}` embedding, a random-init encoder of the same "
+            f"architecture, mean pooling, the label-free `prototypes` / `cooc` baselines "
+            f"(K = {args.prototypes}) and ABMIL, on the same {args.k} patient-grouped folds. "
+            f"Slides capped at {cap} tiles."
         ),
         "timings": timings,
     }

@@ -58,17 +58,27 @@ def _cell(mean, std) -> str:
     return "n/a" if mean is None else f"{_num(mean):.3f} ± {_num(std):.3f}"
 
 
-def verdicts(rows: list[dict], focus: str | None) -> list[str]:
-    """One plain sentence per task: does ``focus`` beat every other method on AUROC?"""
+def verdicts(rows: list[dict], focus) -> list[str]:
+    """One plain sentence per task and focus method: does it beat every baseline on AUROC?
+
+    ``focus`` is a method name or a list of them (e.g. several pretraining recipes); each
+    is compared with the methods that are not in the list."""
     if not focus:
         return []
+    focus = [focus] if isinstance(focus, str) else list(focus)
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        by = {r["method"]: r for r in rows if r["task"] == task and r["auroc_mean"] is not None}
-        if focus not in by or len(by) < 2:
-            continue
+        for name in focus:
+            out += _verdict(rows, task, name, focus)
+    return out
+
+
+def _verdict(rows: list[dict], task: str, focus: str, group: list[str]) -> list[str]:
+    out: list[str] = []
+    by = {r["method"]: r for r in rows if r["task"] == task and r["auroc_mean"] is not None}
+    others = {m: r for m, r in by.items() if m not in group}
+    if focus in by and others:
         me = by[focus]
-        others = {m: r for m, r in by.items() if m != focus}
         best_m, best = max(others.items(), key=lambda kv: kv[1]["auroc_mean"])
         diff = me["auroc_mean"] - best["auroc_mean"]
         spread = max(_num(me["auroc_std"]), _num(best["auroc_std"]))
@@ -244,7 +254,8 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
         "",
     ]
     if verdict:
-        md += [f"## Does `{focus}` beat the baselines?", "", *[f"- {v}" for v in verdict], ""]
+        names = ", ".join(f"`{f}`" for f in ([focus] if isinstance(focus, str) else focus))
+        md += [f"## Does {names} beat the baselines?", "", *[f"- {v}" for v in verdict], ""]
     if retrieval:
         md += [
             "## Leave-one-patient-out retrieval (cosine)",

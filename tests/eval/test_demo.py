@@ -1,0 +1,36 @@
+"""`slidessl demo` end to end at toy size: three recipes, every baseline, one table."""
+
+import json
+
+from slidessl.cli import main
+
+
+def test_demo_compares_three_recipes_and_every_baseline(tmp_path, capsys):
+    from slidessl.data.synthetic import make_cohort
+
+    manifest = make_cohort(tmp_path / "cohort", 40, seed=4, dim=16, min_tiles=60, max_tiles=160)
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo", "--out", str(out), "--manifest", str(manifest), "--k", "3",
+            "--task", "tumor_high,infiltrated", "--prototypes", "4",
+            "train.max_steps=2", "train.progress=false", "data.num_workers=0",
+            "crops.region_max_tiles=64", "crops.global_max_tiles=40", "crops.local_max_tiles=12",
+            "dino.out_dim=64", "ibot.out_dim=64",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    methods = ["dino", "dinov2", "dinov2_grid", "random-init", "meanpool", "prototypes", "cooc"]
+    for m in methods + ["abmil"]:
+        assert f"\n{m} " in text or text.startswith(f"{m} ")
+    report = json.loads((out / "report.json").read_text())
+    got = {(r["method"], r["task"]) for r in report["results"]}
+    assert {(m, t) for m in methods + ["abmil"] for t in ("tumor_high", "infiltrated")} <= got
+    # one verdict per pretrained recipe and task, against the baselines only
+    assert len(report["verdict"]) == 3 * 2
+    assert all("baseline" in v for v in report["verdict"])
+    folds = json.loads((out / "folds.json").read_text())
+    assert set(folds["tasks"]) == {"tumor_high", "infiltrated"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["focus"] == ["dino", "dinov2", "dinov2_grid"]
