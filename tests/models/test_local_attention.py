@@ -103,11 +103,12 @@ def _local_encoder(seed, **kw):
     return enc
 
 
-def test_forward_regions_equals_running_each_region(rng):
+@pytest.mark.parametrize("cls_pos", [False, True])
+def test_forward_regions_equals_running_each_region(rng, cls_pos):
     """Tile tokens computed once for the slide serve every region: equal to encoding each
     region alone when no receptive field crosses a region border (two blocks of columns,
     three empty columns apart) and to the whole-slide CLS for the whole slide."""
-    enc = _local_encoder(int(rng.integers(1 << 20)))
+    enc = _local_encoder(int(rng.integers(1 << 20)), cls_pos=cls_pos)
     g = torch.stack(torch.meshgrid(torch.arange(20), torch.arange(9), indexing="xy"), -1)
     g = g.reshape(-1, 2)
     g = g[(g[:, 0] % 10) < 7]

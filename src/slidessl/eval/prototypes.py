@@ -223,6 +223,14 @@ class PrototypeEmbedder:
         )
 
     @classmethod
+    def fit_items(cls, spec: str, items: list[dict], seed: int = 0, fit_tiles: int = FIT_TILES):
+        """Fit ``spec`` on the tiles of preloaded slide dicts (at most ``fit_tiles``, a seeded
+        subsample). Reads no label."""
+        kind, k, method = parse_prototype_spec(spec)
+        feats = [np.asarray(it["features"]) for it in items]
+        return cls(fit_prototypes(feats, k, method, seed, max_tiles=fit_tiles), kind)
+
+    @classmethod
     def fit(cls, spec: str, dataset, seed: int = 0, fit_tiles: int = FIT_TILES):
         """Fit ``spec`` on the tiles of every slide of ``dataset`` (a ``SlideDataset``),
         at most ``fit_tiles`` in all: each slide contributes a spatially uniform subsample

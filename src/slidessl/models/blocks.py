@@ -126,12 +126,15 @@ class Block(nn.Module):
         exact_grad=True,
         local_kernel=0,
         alibi=False,
+        cls_pos=False,
     ):
         super().__init__()
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.local = bool(local_kernel)
         if self.local:
-            self.self_attn = NeighbourhoodAttention(dim, num_heads, local_kernel, subln, eps)
+            self.self_attn = NeighbourhoodAttention(
+                dim, num_heads, local_kernel, subln, eps, cls_pos
+            )
         else:
             self.self_attn = SelfAttention(
                 dim, num_heads, segments, dilations, subln, eps, exact_grad, alibi
@@ -147,14 +150,14 @@ class Block(nn.Module):
         """``neighbours``: the grid neighbour index a local block needs; ``coords`` (B, N, 2):
         the tiles' grid positions a 2-D ALiBi block needs (each ignored otherwise)."""
         if self.local:
-            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, neighbours)
+            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, neighbours, coords)
         else:
             y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, coords)
         x = x + self.drop_path(self.dropout(y))
         x = x + self.drop_path(self.ffn(self.final_layer_norm(x)))
         return x
 
-    def forward_split(self, tiles, cls, neighbours, members, valid):
+    def forward_split(self, tiles, cls, neighbours, members, valid, coords=None):
         """A local block on the tile tokens ``(M, E)`` of one input and ``R`` CLS tokens
         ``(R, E)``, each attending to its own member tiles (see
         ``NeighbourhoodAttention.forward_split``); returns the new ``(tiles, cls)``."""
@@ -166,6 +169,7 @@ class Block(nn.Module):
             neighbours,
             members,
             valid,
+            coords,
         )
         tiles, cls = (
             tiles + self.drop_path(self.dropout(yt)),

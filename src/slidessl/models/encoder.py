@@ -62,6 +62,7 @@ _DEFAULTS = dict(
     local_kernel=0,  # odd k >= 3: the first `local_depth` blocks attend to k x k grid neighbours
     local_depth=0,
     pos_bias="none",  # "alibi2d": the global (non-local) blocks get TITAN's 2-D ALiBi bias
+    cls_pos=False,  # local blocks: the CLS sees its tiles' positions (relative to its input)
 )
 
 PRESETS: dict[str, dict] = {
@@ -152,6 +153,7 @@ class SlideEncoder(nn.Module):
                 cfg["exact_grad"],
                 lk if i < ld else 0,
                 cfg["pos_bias"] == "alibi2d" and i >= ld,
+                bool(cfg["cls_pos"]) and i < ld,
             )
             for i in range(self.depth)
         )
@@ -175,6 +177,8 @@ class SlideEncoder(nn.Module):
         for blk in self.blocks:
             if blk.local:
                 nn.init.zeros_(blk.self_attn.rel_bias)
+                if blk.self_attn.pos_proj is not None:  # start position-free
+                    nn.init.zeros_(blk.self_attn.pos_proj.weight)
         if self.config["subln"] and self.config["subln_init"] and self.depth:
             gain = math.sqrt(math.log(2 * self.depth))
             for blk in self.blocks:
@@ -282,7 +286,7 @@ class SlideEncoder(nn.Module):
         cls = self.cls_token[0].expand(len(regions), -1).to(tiles.dtype)
         neighbours = grid_neighbours(coords[None], None, self.local_kernel)
         for blk in self.blocks:
-            tiles, cls = blk.forward_split(tiles, cls, neighbours, members, valid)
+            tiles, cls = blk.forward_split(tiles, cls, neighbours, members, valid, coords)
         if self.encoder_norm is not None:
             cls = self.encoder_norm(cls)
         return self.norm(cls)

@@ -32,6 +32,7 @@ __all__ = [
     "cls_attention",
     "distance_classes",
     "local_attention",
+    "relative_positions",
     "tile_attention",
 ]
 
@@ -61,12 +62,18 @@ def tile_attention(q, k, v, index, bias=None) -> torch.Tensor:
     return (probs.transpose(1, 2).unsqueeze(-1) * near[..., d:]).sum(1)
 
 
-def cls_attention(q, k, v, k_tiles, v_tiles, members, valid) -> torch.Tensor:
+def cls_attention(q, k, v, k_tiles, v_tiles, members, valid, pos_kv=None) -> torch.Tensor:
     """Each CLS token's attention over itself and its member tiles: ``q, k, v`` ``(R, H, D)``
     for ``R`` CLS tokens, ``k_tiles``/``v_tiles`` ``(M, H, D)``, ``members`` ``(R, L)`` tile
-    rows, ``valid`` ``(R, L)`` bool (False = padding). Returns ``(R, H, D)``."""
-    keys = torch.cat([k.unsqueeze(1), k_tiles[members]], dim=1)  # (R, 1 + L, H, D)
-    values = torch.cat([v.unsqueeze(1), v_tiles[members]], dim=1)
+    rows, ``valid`` ``(R, L)`` bool (False = padding); ``pos_kv`` ``(R, L, H, 2D)`` is added
+    to the members' keys and values (their positions, for the CLS only). Returns
+    ``(R, H, D)``."""
+    k_m, v_m = k_tiles[members], v_tiles[members]
+    if pos_kv is not None:
+        d = k_m.shape[-1]
+        k_m, v_m = k_m + pos_kv[..., :d], v_m + pos_kv[..., d:]
+    keys = torch.cat([k.unsqueeze(1), k_m], dim=1)  # (R, 1 + L, H, D)
+    values = torch.cat([v.unsqueeze(1), v_m], dim=1)
     mask = torch.cat([valid.new_ones(len(valid), 1), valid], dim=1)[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
@@ -74,7 +81,7 @@ def cls_attention(q, k, v, k_tiles, v_tiles, members, valid) -> torch.Tensor:
     return out.squeeze(2)
 
 
-def local_attention(q, k, v, index, bias=None, padding_mask=None):
+def local_attention(q, k, v, index, bias=None, padding_mask=None, pos_kv=None):
     """Attention of ``q, k, v`` ``(B, 1 + N, H, D)`` (CLS first) on the grid.
 
     Tile ``i`` attends to the tiles ``index[i]`` (``(B*N, K)`` flat indices into the
@@ -82,8 +89,8 @@ def local_attention(q, k, v, index, bias=None, padding_mask=None):
     CLS query attends to the CLS and every real tile of its input. Tiles do not attend to
     the CLS, so a tile's output depends on its neighbourhood only (what lets
     :meth:`SlideEncoder.forward_regions` share tile tokens between regions).
-    ``padding_mask`` is ``(B, 1 + N)`` bool, True = padding (the CLS never is).
-    Returns ``(B, 1 + N, H, D)``.
+    ``padding_mask`` is ``(B, 1 + N)`` bool, True = padding (the CLS never is); ``pos_kv``
+    ``(B, N, H, 2D)``: see `cls_attention`. Returns ``(B, 1 + N, H, D)``.
     """
     b, n1, h, d = q.shape
     n = n1 - 1
@@ -94,14 +101,23 @@ def local_attention(q, k, v, index, bias=None, padding_mask=None):
         tiles = tiles.masked_fill(padding_mask[:, 1:, None, None], 0.0)
         valid = ~padding_mask[:, 1:]
     members = torch.arange(b * n, device=q.device).view(b, n)
-    cls = cls_attention(q[:, 0], k[:, 0], v[:, 0], flat[1], flat[2], members, valid)
+    cls = cls_attention(q[:, 0], k[:, 0], v[:, 0], flat[1], flat[2], members, valid, pos_kv)
     return torch.cat([cls.unsqueeze(1), tiles], dim=1)
+
+
+def relative_positions(coords, members, valid) -> torch.Tensor:
+    """``(R, L, 2)`` positions of each group's member tiles relative to the group's lowest
+    ``(x, y)`` (``coords`` ``(M, 2)``)."""
+    pos = coords[members]
+    big = torch.iinfo(pos.dtype).max
+    low = pos.masked_fill(~valid.unsqueeze(-1), big).min(dim=1, keepdim=True).values
+    return (pos - low).masked_fill(~valid.unsqueeze(-1), 0)
 
 
 class NeighbourhoodAttention(nn.Module):
     """Multi-head neighbourhood attention with the projections of ``SelfAttention``."""
 
-    def __init__(self, dim, num_heads, kernel_size=3, subln=True, eps=1e-5):
+    def __init__(self, dim, num_heads, kernel_size=3, subln=True, eps=1e-5, cls_pos=False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
@@ -117,6 +133,22 @@ class NeighbourhoodAttention(nn.Module):
         classes = distance_classes(kernel_size)
         self.register_buffer("bias_class", classes, persistent=False)
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, int(classes.max()) + 1))
+        # cls_pos: the CLS sees where its tiles lie (2-D sin-cos of their position relative
+        # to its input / region, projected onto keys and values); tiles stay position-free
+        self.pos_proj = nn.Linear(dim, 2 * dim) if cls_pos else None
+
+    def _pos_kv(self, coords, members, valid):
+        if self.pos_proj is None:
+            return None
+        from slidessl.models.posenc import sincos_2d
+
+        rel = relative_positions(coords, members, valid)
+        emb = sincos_2d(rel, self.pos_proj.in_features, "xy").to(self.pos_proj.weight.dtype)
+        out = self.pos_proj(emb)  # (R, L, 2E) -> (R, L, H, 2D): keys then values per head
+        r, length, _ = out.shape
+        h = self.num_heads
+        k, v = out.view(r, length, 2, h, -1).unbind(2)
+        return torch.cat([k, v], dim=-1)
 
     def project(self, y):
         """``(..., E)`` -> q, k, v ``(..., H, E / H)``."""
@@ -130,7 +162,7 @@ class NeighbourhoodAttention(nn.Module):
             out = self.inner_attn_ln(out)
         return self.out_proj(out)
 
-    def forward_split(self, tiles, cls, neighbours, members, valid):
+    def forward_split(self, tiles, cls, neighbours, members, valid, coords=None):
         """Tile tokens ``(M, E)`` of one input and ``R`` CLS tokens ``(R, E)``, CLS ``r``
         attending to the tiles ``members[r]`` (``(R, L)``, ``valid`` marks real entries):
         the outputs ``(M, E)`` and ``(R, E)``."""
@@ -138,12 +170,23 @@ class NeighbourhoodAttention(nn.Module):
         qc, kc, vc = self.project(cls)
         bias = self.rel_bias[:, self.bias_class]
         out_t = tile_attention(qt, kt, vt, neighbours, bias)
-        out_c = cls_attention(qc, kc, vc, kt, vt, members, valid)
+        pos_kv = None if coords is None else self._pos_kv(coords, members, valid)
+        out_c = cls_attention(qc, kc, vc, kt, vt, members, valid, pos_kv)
         return self.finish(out_t), self.finish(out_c)
 
-    def forward(self, x, padding_mask=None, neighbours=None):
+    def forward(self, x, padding_mask=None, neighbours=None, coords=None):
         if neighbours is None:
             raise ValueError("local attention needs the grid neighbour index of the tokens")
         q, k, v = self.project(x)
         bias = self.rel_bias[:, self.bias_class]  # (H, K)
-        return self.finish(local_attention(q, k, v, neighbours, bias, padding_mask))
+        pos_kv = None
+        if self.pos_proj is not None:
+            if coords is None:
+                raise ValueError("cls_pos local attention needs the tokens' grid coordinates")
+            b, n = coords.shape[:2]
+            valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+            if padding_mask is not None:
+                valid = ~padding_mask[:, 1:]
+            members = torch.arange(b * n, device=x.device).view(b, n)
+            pos_kv = self._pos_kv(coords.reshape(b * n, 2), members, valid)
+        return self.finish(local_attention(q, k, v, neighbours, bias, padding_mask, pos_kv))
