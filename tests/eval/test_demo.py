@@ -34,3 +34,9 @@ def test_demo_compares_three_recipes_and_every_baseline(tmp_path, capsys):
     assert set(folds["tasks"]) == {"tumor_high", "infiltrated"}
     run = json.loads((out / "run.json").read_text())
     assert run["focus"] == ["dino", "dinov2", "dinov2_grid"]
+    # diagnostics of the first recipe, its random init and mean pooling, in the report
+    assert [d["method"] for d in report["diagnose"]] == ["dino", "meanpool", "random-init"]
+    by = {d["method"]: d for d in report["diagnose"]}
+    assert by["meanpool"]["coordinate_shuffle"]["shuffle_shift"] < 1e-6
+    assert by["dino"]["coordinate_shuffle"]["shuffle_shift"] > 0
+    assert "## Diagnostics" in (out / "report.md").read_text()

@@ -124,6 +124,25 @@ def _embed_all(args, teachers: dict, items: list, feature_dim: int, cap: int, ou
     return emb, specs
 
 
+def _diagnose(args, teachers, items, manifest, tasks, folds_path, out) -> None:
+    """`slidessl diagnose` for the first recipe, its random init and mean pooling."""
+    from slidessl.eval.diagnose import diagnose_items
+    from slidessl.eval.embed import build_embedder
+
+    first, teacher = next(iter(teachers.items()))
+    dim = items[0]["features"].shape[1]
+    for name, spec in ((first, str(teacher)), ("random-init", f"random:{teacher}"),
+                       ("meanpool", "meanpool")):  # fmt: skip
+        encoder, desc = build_embedder(spec, dim, seed=args.seed)
+        res = diagnose_items(
+            encoder, desc, items, manifest, tasks, folds_path, args.pooling, args.k, args.seed
+        )
+        res["method"] = name
+        path = out / "diagnose" / name / "diagnose.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1, default=float))
+
+
 def run_demo(args) -> int:
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
@@ -227,6 +246,10 @@ def run_demo(args) -> int:
                 name,
             )
     timings["retrieval"] = time.time() - t
+
+    t = time.time()
+    _diagnose(args, teachers, items, manifest, tasks, folds_path, out)
+    timings["diagnose"] = time.time() - t
 
     t = time.time()
     pretrained = list(teachers)

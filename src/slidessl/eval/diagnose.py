@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["coordinate_shuffle", "identity_leakage", "layer_embeddings", "run_diagnose"]
+__all__ = [
+    "coordinate_shuffle",
+    "diagnose_items",
+    "format_diagnose",
+    "identity_leakage",
+    "layer_embeddings",
+    "run_diagnose",
+]
 
 
 def _cos_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -132,6 +139,36 @@ def layer_embeddings(encoder, items: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
+def diagnose_items(
+    encoder, desc: str, items: list[dict], manifest, tasks, folds, pooling: str = "mean",
+    k: int = 5, seed: int = 0,
+) -> dict:  # fmt: skip
+    """The three checks on preloaded slides (``tasks`` from ``eval.tasks.build_tasks``,
+    ``folds`` the folds file shared with the other methods)."""
+    from slidessl.eval.probe import run_probe
+
+    result = {"encoder": desc, "pooling": pooling, "n_slides": len(items)}
+    result["coordinate_shuffle"] = coordinate_shuffle(encoder, items, pooling, seed)
+    labels = {
+        tk.name: {s: int(y) for s, y in zip(tk.slide_ids, tk.y)}
+        for tk in tasks
+        if tk.kind == "binary"
+    }
+    patients = {e.slide_id: e.patient_id for e in manifest.entries}
+    result["identity_leakage"] = identity_leakage(
+        encoder, items, labels, patients, pooling, seed=seed
+    )
+    result["layers"] = {}
+    if encoder is not None and hasattr(encoder, "forward_features"):
+        ids = [it["slide_id"] for it in items]
+        for name, X in layer_embeddings(encoder, items).items():
+            res = run_probe(ids, X, tasks, Path(folds), k, seed, n_boot=200)
+            result["layers"][name] = {
+                tk.name: [s["auroc_mean"], s["auroc_std"]] for tk, s in zip(res[0], res[3])
+            }
+    return result
+
+
 def run_diagnose(
     encoder_spec: str, manifest_path, task_specs, out, pooling: str = "mean",
     max_tiles: int = 4000, k: int = 5, seed: int = 0, folds=None,
@@ -140,7 +177,6 @@ def run_diagnose(
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
     from slidessl.eval.embed import build_embedder
-    from slidessl.eval.probe import run_probe
     from slidessl.eval.tasks import build_tasks
 
     out = Path(out)
@@ -150,26 +186,8 @@ def run_diagnose(
     ds = SlideDataset(manifest, max_tiles=max_tiles, seed=seed, on_bad_slide="skip")
     items = [it for it in (ds[i] for i in range(len(ds))) if it is not None]
     encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
-    result = {"encoder": desc, "pooling": pooling, "n_slides": len(items)}
-    result["coordinate_shuffle"] = coordinate_shuffle(encoder, items, pooling, seed)
-    entries = {e.slide_id: e for e in manifest.entries}
-    labels = {}
-    for tk in tasks:
-        if tk.kind == "binary":
-            labels[tk.name] = {s: int(y) for s, y in zip(tk.slide_ids, tk.y)}
-    patients = {s: entries[s].patient_id for s in entries}
-    result["identity_leakage"] = identity_leakage(
-        encoder, items, labels, patients, pooling, seed=seed
-    )
-    result["layers"] = {}
-    if encoder is not None and hasattr(encoder, "forward_features"):
-        folds = Path(folds) if folds else out / "folds.json"
-        ids = [it["slide_id"] for it in items]
-        for name, X in layer_embeddings(encoder, items).items():
-            res = run_probe(ids, X, tasks, folds, k, seed, n_boot=200)
-            result["layers"][name] = {
-                tk.name: [s["auroc_mean"], s["auroc_std"]] for tk, s in zip(res[0], res[3])
-            }
+    folds = Path(folds) if folds else out / "folds.json"
+    result = diagnose_items(encoder, desc, items, manifest, tasks, folds, pooling, k, seed)
     (out / "diagnose.json").write_text(json.dumps(result, indent=1, default=float))
     return result
 

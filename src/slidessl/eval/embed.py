@@ -80,8 +80,10 @@ def _shares_tiles(encoder) -> bool:
     """Whether a tile's token is the same in every region that holds it (up to the region's
     border): every block local and no absolute position added to the tiles."""
     blocks = getattr(encoder, "blocks", None)
-    return bool(blocks) and all(getattr(b, "local", False) for b in blocks) and (
-        encoder.config.get("pos_mode") == "none"
+    return (
+        bool(blocks)
+        and all(getattr(b, "local", False) for b in blocks)
+        and (encoder.config.get("pos_mode") == "none")
     )
 
 

@@ -106,6 +106,39 @@ def _verdict(rows: list[dict], task: str, focus: str, group: list[str]) -> list[
     return out
 
 
+def _diagnose_section(diagnoses: list[dict]) -> list[str]:
+    """`slidessl diagnose` results as markdown: shuffle, identity leakage, best layer."""
+    tasks = sorted({t for d in diagnoses for t in d["identity_leakage"]["same_label_top1"]})
+    md = [
+        "## Diagnostics (`slidessl diagnose`)",
+        "",
+        "Coordinate shuffle: how far a slide's embedding moves when its tiles' positions are "
+        "permuted, relative to the distance between slides (0 = arrangement ignored). "
+        "Identity leakage: a window's nearest other window is from the same slide, or "
+        "(among other patients) has the same label. Best layer: the block whose CLS or "
+        "token mean probes best.",
+        "",
+        "| method | shuffle shift | same slide top-1 | "
+        + " | ".join(f"same {t} top-1" for t in tasks)
+        + " | best layer (AUROC) per task |",
+        "| --- | --- | --- | " + "--- | " * len(tasks) + "--- |",
+    ]
+    for d in diagnoses:
+        il = d["identity_leakage"]
+        same = [il["same_label_top1"].get(t) for t in tasks]
+        best = []
+        for t in d["layers"] and next(iter(d["layers"].values())) or []:
+            name, row = max(d["layers"].items(), key=lambda kv: _num(kv[1][t][0]))
+            best.append(f"{t}: {name} ({_num(row[t][0]):.3f})")
+        md.append(
+            f"| {d.get('method', d['encoder'])} | {d['coordinate_shuffle']['shuffle_shift']:.3f} "
+            f"| {il['same_slide_top1']:.3f} | "
+            + " | ".join("n/a" if v is None else f"{v:.3f}" for v in same)
+            + f" | {'; '.join(best) or 'n/a'} |"
+        )
+    return [*md, ""]
+
+
 def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
     """ROC and PR curves per task (binary, or micro-averaged one-vs-rest), all methods."""
     import matplotlib
@@ -238,6 +271,7 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
     manifest = manifest or meta.get("manifest")
     maps = slide_maps(encoder, manifest, fig_dir, n_maps, max_tiles) if encoder and manifest else []
     retrieval = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("retrieval.json"))]
+    diagnoses = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("diagnose.json"))]
     focus = meta.get("focus")
     verdict = verdicts(rows, focus)
     md = [f"# slidessl evaluation report: `{run_dir}`", ""]
@@ -270,6 +304,8 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
                 f"{_num(r['map@5']):.3f} |"
             )
         md.append("")
+    if diagnoses:
+        md += _diagnose_section(diagnoses)
     figs = [*curves, *([training] if training else []), *[m["path"] for m in maps]]
     if figs:
         md += ["## Figures", ""]
@@ -287,6 +323,7 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
         "results": rows,
         "verdict": verdict,
         "retrieval": retrieval,
+        "diagnose": diagnoses,
         "figures": figs,
         "slide_maps": maps,
         "meta": meta,
