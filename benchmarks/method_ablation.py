@@ -84,6 +84,17 @@ VARIANTS = {
         "cpu_longrange: xy positions, 15 epochs, regions read one by one",
     ),
 }
+# the levers again on the long-range recipe, where pretraining moves the encoder
+_LONG = ["model.overrides.pos_mode=xy", "train.epochs=15"]
+VARIANTS.update(
+    {
+        "long-range, no iBOT": (_LONG + ["ibot.loss_weight=0.0"], "regions:8,24", "objective"),
+        "long-range, thin crops": (_LONG + ["crops.oversize=thin"], "regions:8,24", "density"),
+        "long-range, no centring": (
+            _LONG + ["model.overrides.input_center=false"], "regions:8,24", "stain"
+        ),
+    }
+)
 
 
 def _cohort(out: Path, n: int, seed: int, min_tiles: int, max_tiles: int) -> Path:
@@ -137,7 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--min-tiles", type=int, default=200)
     ap.add_argument("--max-tiles", type=int, default=4000, help="as the demo's cohort")
     ap.add_argument("--recipe", default="dinov2")
-    ap.add_argument("--variants", default="all", help="comma list of names, 'baselines', or all")
+    ap.add_argument(
+        "--variants", default="all", help="names separated by ';' (or ','), 'baselines', or all"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -147,7 +160,8 @@ def main(argv=None) -> int:
     folds = out / "folds.json"
     cache = out / "results.json"
     results = json.loads(cache.read_text()) if cache.exists() else {}
-    names = list(VARIANTS) + ["baselines"] if args.variants == "all" else args.variants.split(",")
+    sep = ";" if ";" in args.variants else ","
+    names = list(VARIANTS) + ["baselines"] if args.variants == "all" else args.variants.split(sep)
     slides = {}
 
     def items(cap):
