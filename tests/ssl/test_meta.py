@@ -13,11 +13,19 @@ from slidessl.train.config import load_config
 
 TINY = [
     "model.name=tiny",
-    "model.overrides={depth: 1, in_dim: 8, embed_dim: 16, num_heads: 2, mlp_dim: 32}",
-    "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
-    "ibot.out_dim=32", "ibot.hidden_dim=16", "ibot.bottleneck_dim=8",
-    "crops.global_max_tiles=48", "crops.local_max_tiles=16", "crops.global_min_tiles=12",
-    "crops.local_min_tiles=4", "crops.mask_probability=1.0",
+    "model.overrides={depth: 1, in_dim: 8, embed_dim: 16, num_heads: 2, mlp_dim: 32, "
+    "local_kernel: 0, local_depth: 0, input_center: false, pos_mode: xy}",
+    "dino.out_dim=32",
+    "dino.hidden_dim=16",
+    "dino.bottleneck_dim=8",
+    "ibot.out_dim=32",
+    "ibot.hidden_dim=16",
+    "ibot.bottleneck_dim=8",
+    "crops.global_max_tiles=48",
+    "crops.local_max_tiles=16",
+    "crops.global_min_tiles=12",
+    "crops.local_min_tiles=4",
+    "crops.mask_probability=1.0",
 ]
 
 
@@ -31,8 +39,12 @@ def _setup(rng, recipe="dino", *extra, n_slides=3):
     for i in range(n_slides):
         n = int(rng.integers(50, 90))
         grid = np.stack([np.arange(n) % 10, np.arange(n) // 10], 1)
-        slide = {"slide_id": f"s{i}", "index": i, "grid": torch.from_numpy(grid),
-                 "features": torch.from_numpy(rng.standard_normal((n, 8)).astype(np.float32))}
+        slide = {
+            "slide_id": f"s{i}",
+            "index": i,
+            "grid": torch.from_numpy(grid),
+            "features": torch.from_numpy(rng.standard_normal((n, 8)).astype(np.float32)),
+        }
         views.append(mc(slide, rng))
     return cfg, arch, collate_views(views)
 
@@ -60,10 +72,16 @@ def test_dino_loss_pairs_match_manual_formula(rng):
     loss, _ = arch.compute_loss(batch, teacher_temp=temp)
     g = batch["global"]
     with torch.no_grad():
-        t = arch.teacher["dino_head"](arch.teacher["backbone"].forward_features(
-            g["features"], g["coords"], g["padding_mask"])["cls"])
-        s = arch.student["dino_head"](arch.student["backbone"].forward_features(
-            g["features"], g["coords"], g["padding_mask"])["cls"])
+        t = arch.teacher["dino_head"](
+            arch.teacher["backbone"].forward_features(
+                g["features"], g["coords"], g["padding_mask"]
+            )["cls"]
+        )
+        s = arch.student["dino_head"](
+            arch.student["backbone"].forward_features(
+                g["features"], g["coords"], g["padding_mask"]
+            )["cls"]
+        )
     p = torch.softmax((t - arch.dino_loss.center) / temp, -1).chunk(2)
     logp = F.log_softmax(s / cfg["dino"]["student_temp"], -1).chunk(2)
     ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
@@ -72,8 +90,9 @@ def test_dino_loss_pairs_match_manual_formula(rng):
 
 
 def test_centres_move_only_in_update_centers(rng):
-    _, arch, batch = _setup(rng, "dinov2", "dino.centering=centering", "crops.n_local=1",
-                            "koleo.loss_weight=0.1")
+    _, arch, batch = _setup(
+        rng, "dinov2", "dino.centering=centering", "crops.n_local=1", "koleo.loss_weight=0.1"
+    )
     c0 = {k: v.clone() for k, v in arch.centers().items()}
     assert set(c0) == {"dino", "ibot"}
     loss, logs = arch.compute_loss(batch, teacher_temp=0.04)
@@ -113,3 +132,35 @@ def test_teacher_stays_in_eval_mode(rng):
     _, arch, _ = _setup(rng)
     arch.train()
     assert arch.student.training and not arch.teacher.training
+
+
+def test_crops_are_centred_on_their_slide_mean(rng):
+    """With input_center, student and teacher see every crop centred on its *slide's* mean
+    (the crops' `center`), not on the crop's own: the DINO loss equals the manual formula
+    computed with that centre, and adding one shift to a slide's tiles changes nothing."""
+    cfg, arch, batch = _setup(rng, "dino", "crops.n_local=0", "model.overrides.input_center=true")
+    temp = 0.05
+    loss, _ = arch.compute_loss(batch, teacher_temp=temp)
+    g = batch["global"]
+    with torch.no_grad():
+        t = arch.teacher["dino_head"](
+            arch.teacher["backbone"].forward_features(
+                g["features"], g["coords"], g["padding_mask"], center=g["center"]
+            )["cls"]
+        )
+        s = arch.student["dino_head"](
+            arch.student["backbone"].forward_features(
+                g["features"], g["coords"], g["padding_mask"], center=g["center"]
+            )["cls"]
+        )
+    p = torch.softmax((t - arch.dino_loss.center) / temp, -1).chunk(2)
+    logp = F.log_softmax(s / cfg["dino"]["student_temp"], -1).chunk(2)
+    ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
+    expected = 0.5 * (ce(p[1], logp[0]) + ce(p[0], logp[1]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    shifted = {
+        **batch,
+        "global": {**g, "features": g["features"] + 3.0, "center": g["center"] + 3.0},
+    }
+    loss2, _ = arch.compute_loss(shifted, teacher_temp=temp)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-5)
