@@ -34,7 +34,7 @@ from slidessl.ssl.heads import DINOHead
 from slidessl.ssl.ibot_loss import iBOTPatchLoss
 from slidessl.ssl.koleo_loss import KoLeoLoss
 
-__all__ = ["SSLMetaArch"]
+__all__ = ["SSLMetaArch", "masked_feature_loss"]
 
 
 def _head(cfg: dict, in_dim: int) -> DINOHead:
@@ -55,9 +55,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _freeze_prototype_norm(head: nn.Module) -> None:
     """Fix the weight-norm magnitude ``g`` of the prototype layer at one (DINO's
     ``norm_last_layer=True``): only the prototype directions train."""
-    para = getattr(head.last_layer, "parametrizations", None)
+    para = getattr(getattr(head, "last_layer", None), "parametrizations", None)
     if para is not None and hasattr(para.weight, "original0"):
         para.weight.original0.requires_grad_(False)
+
+
+def masked_feature_loss(head: nn.Module, tokens, crops: dict, mask) -> torch.Tensor:
+    """MAE-style target (He et al., 2022, on tile embeddings): the mean squared error between
+    ``head(token)`` and the tile's input feature at the masked positions, the feature
+    centred on its slide's mean (``crops["center"]``, when the batch has it) and divided by
+    the per-dimension std of the masked tiles (every dimension weighs alike); 0 when
+    nothing is masked."""
+    if mask is None or not bool(mask.any()):
+        return tokens.new_zeros((), dtype=torch.float32)
+    target = crops["features"]
+    if "center" in crops:
+        target = target - crops["center"].unsqueeze(1).to(target.dtype)
+    target = target[mask].float()
+    target = target / target.std(dim=0, keepdim=True).clamp_min(1e-6) if len(target) > 1 else target
+    pred = head(tokens[mask]).float()
+    return torch.mean((pred - target) ** 2)
 
 
 class SSLMetaArch(nn.Module):
@@ -76,6 +93,7 @@ class SSLMetaArch(nn.Module):
         self.dino_weight = float(d["loss_weight"])
         self.ibot_weight = float(ib["loss_weight"])
         self.koleo_weight = float(ko["loss_weight"])
+        self.mfp_weight = float(cfg.get("mfp", {}).get("loss_weight", 0.0))
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
         if (
             self.ibot_weight > 0
@@ -89,11 +107,13 @@ class SSLMetaArch(nn.Module):
         student = nn.ModuleDict({"backbone": backbone, "dino_head": _head(d, embed_dim)})
         if self.ibot_weight > 0 and ib["separate_head"]:
             student["ibot_head"] = _head(ib, embed_dim)
+        if self.mfp_weight > 0:  # masked feature prediction: token -> its input feature
+            student["mfp_head"] = nn.Linear(embed_dim, int(backbone.in_dim))
         for name, module in student.items():
             if name != "backbone":
                 _freeze_prototype_norm(module)
         mask_token = getattr(backbone, "mask_token", None)
-        if self.ibot_weight <= 0 and isinstance(mask_token, nn.Parameter):
+        if self.ibot_weight <= 0 and self.mfp_weight <= 0 and isinstance(mask_token, nn.Parameter):
             # no masking without iBOT: a parameter that never gets a gradient would make
             # DDP need find_unused_parameters (an extra graph walk every step)
             mask_token.requires_grad_(False)
@@ -146,11 +166,12 @@ class SSLMetaArch(nn.Module):
         n_terms = n_g * (n_g - 1) + n_g * n_l
         if n_terms == 0:
             raise ValueError("DINO needs 2 global crops or at least one local crop per slide")
-        mask = g.get("ibot_mask") if self.ibot_loss is not None else None
-        if self.ibot_loss is not None and mask is None:
+        masked = self.ibot_loss is not None or self.mfp_weight > 0
+        mask = g.get("ibot_mask") if masked else None
+        if masked and mask is None:
             raise ValueError(
-                "ibot.loss_weight > 0 but the batch has no global ibot_mask "
-                "(enable iBOT masking in the crops: section)"
+                "ibot.loss_weight > 0 or mfp.loss_weight > 0 but the batch has no global "
+                "ibot_mask (enable iBOT masking in the crops: section)"
             )
         logs: dict[str, torch.Tensor] = {}
 
@@ -167,7 +188,7 @@ class SSLMetaArch(nn.Module):
                 }
             )
             del self.monitor_rows[:-64]
-            if mask is not None:
+            if mask is not None and self.ibot_loss is not None:
                 t_patch = self._ibot_head(self.teacher)(t_out["tokens"][mask])
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
 
@@ -201,11 +222,15 @@ class SSLMetaArch(nn.Module):
         logs["dino_loss"] = dino.detach()
         total = self.dino_weight * dino
 
-        if mask is not None:
+        if mask is not None and self.ibot_loss is not None:
             s_patch = self._ibot_head(self.student)(s_out["tokens"][mask])
             ibot = self.ibot_loss.forward_masked(s_patch, t_patch_probs, mask)
             logs["ibot_loss"] = ibot.detach()
             total = total + self.ibot_weight * ibot
+        if self.mfp_weight > 0:
+            mfp = masked_feature_loss(self.student["mfp_head"], s_out["tokens"], g, mask)
+            logs["mfp_loss"] = mfp.detach()
+            total = total + self.mfp_weight * mfp
         if self.koleo_loss is not None:
             if s_out["cls"].shape[0] < 2 * n_g:
                 raise ValueError(
