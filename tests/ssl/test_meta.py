@@ -66,26 +66,29 @@ def test_teacher_starts_as_student_and_gets_no_gradient(rng):
     assert not g.requires_grad
 
 
+def _manual_dino(cfg, arch, g, temp, center=None):
+    """The DINO loss of two global crops per slide, written out: each crop's student
+    against the other crop's centred, sharpened teacher."""
+    with torch.no_grad():
+        outs = [
+            part["dino_head"](
+                part["backbone"].forward_features(
+                    g["features"], g["coords"], g["padding_mask"], center=center
+                )["cls"]
+            )
+            for part in (arch.teacher, arch.student)
+        ]
+    p = torch.softmax((outs[0] - arch.dino_loss.center) / temp, -1).chunk(2)
+    logp = F.log_softmax(outs[1] / cfg["dino"]["student_temp"], -1).chunk(2)
+    ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
+    return 0.5 * (ce(p[1], logp[0]) + ce(p[0], logp[1]))
+
+
 def test_dino_loss_pairs_match_manual_formula(rng):
     cfg, arch, batch = _setup(rng, "dino", "crops.n_local=0")
     temp = float(rng.uniform(0.03, 0.08))
     loss, _ = arch.compute_loss(batch, teacher_temp=temp)
-    g = batch["global"]
-    with torch.no_grad():
-        t = arch.teacher["dino_head"](
-            arch.teacher["backbone"].forward_features(
-                g["features"], g["coords"], g["padding_mask"]
-            )["cls"]
-        )
-        s = arch.student["dino_head"](
-            arch.student["backbone"].forward_features(
-                g["features"], g["coords"], g["padding_mask"]
-            )["cls"]
-        )
-    p = torch.softmax((t - arch.dino_loss.center) / temp, -1).chunk(2)
-    logp = F.log_softmax(s / cfg["dino"]["student_temp"], -1).chunk(2)
-    ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
-    expected = 0.5 * (ce(p[1], logp[0]) + ce(p[0], logp[1]))
+    expected = _manual_dino(cfg, arch, batch["global"], temp)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -142,21 +145,7 @@ def test_crops_are_centred_on_their_slide_mean(rng):
     temp = 0.05
     loss, _ = arch.compute_loss(batch, teacher_temp=temp)
     g = batch["global"]
-    with torch.no_grad():
-        t = arch.teacher["dino_head"](
-            arch.teacher["backbone"].forward_features(
-                g["features"], g["coords"], g["padding_mask"], center=g["center"]
-            )["cls"]
-        )
-        s = arch.student["dino_head"](
-            arch.student["backbone"].forward_features(
-                g["features"], g["coords"], g["padding_mask"], center=g["center"]
-            )["cls"]
-        )
-    p = torch.softmax((t - arch.dino_loss.center) / temp, -1).chunk(2)
-    logp = F.log_softmax(s / cfg["dino"]["student_temp"], -1).chunk(2)
-    ce = lambda a, b: -(a * b).sum(-1).mean()  # noqa: E731
-    expected = 0.5 * (ce(p[1], logp[0]) + ce(p[0], logp[1]))
+    expected = _manual_dino(cfg, arch, g, temp, center=g["center"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     shifted = {
         **batch,
