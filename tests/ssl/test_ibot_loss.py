@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,36 @@ def test_errors():
         loss_fn.forward_masked(torch.randn(2, 6), torch.rand(2, 6), masks)
     with pytest.raises(ValueError, match="bool"):
         loss_fn.forward_masked(torch.randn(1, 6), torch.rand(1, 6), masks.float())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_chunked_head_loss_equals_unchunked_in_value_and_gradients(rng, chunk):
+    """forward_head_masked (head + log-softmax per chunk, checkpointed) gives the loss and
+    the gradients of head(tokens) followed by forward_masked."""
+    from slidessl.ssl.heads import DINOHead
+
+    k = 24
+    loss_fn = iBOTPatchLoss(k, student_temp=0.1)
+    masks = torch.from_numpy(rng.random((3, 6)) < 0.5)
+    masks[0, :2] = True
+    m = int(masks.sum())
+    head = DINOHead(10, k, hidden_dim=12, bottleneck_dim=5)
+    x = torch.from_numpy(rng.standard_normal((m, 10)).astype(np.float32)).requires_grad_()
+    t = torch.softmax(torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)), -1)
+    ref = loss_fn.forward_masked(head(x), t, masks)
+    ref_grads = torch.autograd.grad(ref, [x, *head.parameters()])
+    out = loss_fn.forward_head_masked(head, x, t, masks, chunk=chunk)
+    grads = torch.autograd.grad(out, [x, *head.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_head_in_chunks_matches_one_call(rng):
+    from slidessl.ssl.heads import DINOHead
+    from slidessl.ssl.ibot_loss import head_in_chunks
+
+    head = DINOHead(6, 16, hidden_dim=8, bottleneck_dim=4)
+    x = torch.from_numpy(rng.standard_normal((11, 6)).astype(np.float32))
+    torch.testing.assert_close(head_in_chunks(head, x, 4), head(x))
+    assert not head_in_chunks(head, x, 4).requires_grad

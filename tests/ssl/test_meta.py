@@ -181,3 +181,45 @@ def test_masked_feature_prediction_loss(rng):
     assert (
         masked_feature_loss(arch.student["mfp_head"], out["tokens"], none, none["ibot_mask"]) == 0
     )
+
+
+def test_cap_masked_keeps_at_most_cap_per_crop_inside_the_mask(rng):
+    from slidessl.ssl.meta import cap_masked
+
+    mask = torch.from_numpy(rng.random((4, 30)) < 0.6)
+    mask[1] = False
+    capped = cap_masked(mask, 5)
+    assert (capped & ~mask).sum() == 0  # only masked tokens are scored
+    counts, before = capped.sum(1), mask.sum(1)
+    assert torch.equal(counts, before.clamp(max=5))
+    state = torch.get_rng_state()
+    assert cap_masked(mask, 30) is mask and cap_masked(mask, None) is mask
+    assert torch.equal(torch.get_rng_state(), state)  # no draw when nothing is over the cap
+
+
+def test_head_chunking_changes_no_loss_or_gradient(rng):
+    """ibot.chunk_tokens bounds the head's memory; the iBOT loss and the student's
+    gradients are those of one unchunked call."""
+    cfg, arch, batch = _setup(rng, "dinov2", "crops.mask_ratio=[0.3,0.5]", "ibot.chunk_tokens=null")
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+    arch.zero_grad(set_to_none=True)
+    arch.head_chunk = 3
+    loss2, logs2 = arch.compute_loss(batch, teacher_temp=0.05)
+    loss2.backward()
+    assert logs["ibot_loss"] > 0
+    torch.testing.assert_close(logs2["ibot_loss"], logs["ibot_loss"])
+    torch.testing.assert_close(loss2, loss)
+    for name, p in arch.student.named_parameters():
+        if name in ref:
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_masked_cap_scores_fewer_tokens(rng):
+    cfg, arch, batch = _setup(
+        rng, "dinov2", "crops.mask_ratio=[0.4,0.5]", "ibot.max_masked_per_crop=2"
+    )
+    assert arch.max_masked == 2
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
+    assert torch.isfinite(loss) and logs["ibot_loss"] > 0

@@ -116,5 +116,5 @@ class CenteredLoss(nn.Module):
         self._check_logits(t_logits, "softmax_center_teacher")
         if teacher_temp <= 0:
             raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
-        centred = t_logits.float() - self.center.float()
-        return torch.softmax(centred / teacher_temp, dim=-1)
+        centred = (t_logits.float() - self.center.float()).div_(teacher_temp)
+        return torch.softmax(centred, dim=-1)

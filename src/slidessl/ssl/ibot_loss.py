@@ -23,10 +23,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from slidessl.ssl.centering import CenteredLoss
 
-__all__ = ["iBOTPatchLoss"]
+__all__ = ["head_in_chunks", "iBOTPatchLoss"]
+
+
+@torch.no_grad()
+def head_in_chunks(head: nn.Module, tokens: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``head(tokens)`` for (M, D) tokens, ``chunk`` rows at a time (no gradient): the head's
+    hidden activations never exist for more than ``chunk`` tokens at once."""
+    if not chunk or tokens.shape[0] <= chunk:
+        return head(tokens)
+    return torch.cat([head(part) for part in tokens.split(int(chunk))])
 
 
 class iBOTPatchLoss(CenteredLoss):  # noqa: N801 - the paper's spelling
@@ -83,7 +94,49 @@ class iBOTPatchLoss(CenteredLoss):  # noqa: N801 - the paper's spelling
                 f"{n_masked} masked tokens"
             )
         per_token = self._token_loss(student_patch_logits, teacher_patch_probs)
-        if masks_weight is None:
-            per_sample = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
-            masks_weight = (1.0 / per_sample).expand_as(masks)[masks]
-        return -(per_token * masks_weight).sum() / masks.shape[0]
+        return -(per_token * self._weights(masks, masks_weight)).sum() / masks.shape[0]
+
+    @staticmethod
+    def _weights(masks: torch.Tensor, masks_weight: torch.Tensor | None) -> torch.Tensor:
+        if masks_weight is not None:
+            return masks_weight
+        per_sample = masks.sum(dim=-1, keepdim=True).clamp(min=1).float()
+        return (1.0 / per_sample).expand_as(masks)[masks]
+
+    def forward_head_masked(
+        self,
+        head: nn.Module,
+        student_tokens: torch.Tensor,
+        teacher_patch_probs: torch.Tensor,
+        masks: torch.Tensor,
+        chunk: int | None = None,
+        masks_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward_masked(head(student_tokens), ...)`` with bounded memory: the head and the
+        log-softmax run ``chunk`` tokens at a time under activation checkpointing, so neither
+        the (M, K) student logits nor their log-softmax are kept for backward (each chunk is
+        recomputed in backward). Same value and gradients as the unchunked form."""
+        n = student_tokens.shape[0]
+        if not chunk or n <= chunk:
+            return self.forward_masked(
+                head(student_tokens), teacher_patch_probs, masks, masks_weight
+            )
+        if n != int(masks.sum()) or teacher_patch_probs.shape[0] != n:
+            raise ValueError(
+                f"iBOTPatchLoss: {n} student tokens, {teacher_patch_probs.shape[0]} teacher rows, "
+                f"masks hold {int(masks.sum())} masked tokens"
+            )
+        weights = self._weights(masks, masks_weight)
+
+        def part(x, t, w):
+            return (self._token_loss(head(x), t) * w).sum()
+
+        total = student_tokens.new_zeros((), dtype=torch.float32)
+        for lo in range(0, n, int(chunk)):
+            sl = slice(lo, lo + int(chunk))
+            args = (student_tokens[sl], teacher_patch_probs[sl], weights[sl])
+            if torch.is_grad_enabled():
+                total = total + checkpoint(part, *args, use_reentrant=False)
+            else:
+                total = total + part(*args)
+        return -total / masks.shape[0]

@@ -31,10 +31,10 @@ from torch import nn
 
 from slidessl.ssl.dino_loss import DINOLoss
 from slidessl.ssl.heads import DINOHead
-from slidessl.ssl.ibot_loss import iBOTPatchLoss
+from slidessl.ssl.ibot_loss import head_in_chunks, iBOTPatchLoss
 from slidessl.ssl.koleo_loss import KoLeoLoss
 
-__all__ = ["SSLMetaArch", "masked_feature_loss"]
+__all__ = ["SSLMetaArch", "cap_masked", "masked_feature_loss"]
 
 
 def _head(cfg: dict, in_dim: int) -> DINOHead:
@@ -77,6 +77,20 @@ def masked_feature_loss(head: nn.Module, tokens, crops: dict, mask) -> torch.Ten
     return torch.mean((pred - target) ** 2)
 
 
+def cap_masked(mask: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """The masked tokens the iBOT / MFP losses score: at most ``cap`` per crop (row of the
+    (B, N) bool ``mask``), a uniformly random subset of a row that holds more (the encoder
+    still sees every masked token as masked). Draws from torch's global RNG only when some
+    row is over the cap, so uncapped runs consume no randomness here."""
+    if cap is None or int(cap) <= 0:
+        return mask
+    if mask.numel() == 0 or int(mask.sum(dim=1).max()) <= int(cap):
+        return mask
+    scores = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return mask & (rank < int(cap))
+
+
 class SSLMetaArch(nn.Module):
     """``student`` / ``teacher``: ``ModuleDict(backbone, dino_head[, ibot_head])``."""
 
@@ -95,6 +109,10 @@ class SSLMetaArch(nn.Module):
         self.koleo_weight = float(ko["loss_weight"])
         self.mfp_weight = float(cfg.get("mfp", {}).get("loss_weight", 0.0))
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
+        # memory bounds of the masked-token heads (tokens x K logits): rows per head call,
+        # masked tokens scored per crop
+        self.head_chunk = ib.get("chunk_tokens")
+        self.max_masked = ib.get("max_masked_per_crop")
         if (
             self.ibot_weight > 0
             and not ib["separate_head"]
@@ -188,9 +206,13 @@ class SSLMetaArch(nn.Module):
                 }
             )
             del self.monitor_rows[:-64]
+            scored = None if mask is None else cap_masked(mask, self.max_masked)
             if mask is not None and self.ibot_loss is not None:
-                t_patch = self._ibot_head(self.teacher)(t_out["tokens"][mask])
+                t_patch = head_in_chunks(
+                    self._ibot_head(self.teacher), t_out["tokens"][scored], self.head_chunk
+                )
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
+                del t_patch
 
         s_out = self.student["backbone"].forward_features(
             g["features"],
@@ -223,12 +245,17 @@ class SSLMetaArch(nn.Module):
         total = self.dino_weight * dino
 
         if mask is not None and self.ibot_loss is not None:
-            s_patch = self._ibot_head(self.student)(s_out["tokens"][mask])
-            ibot = self.ibot_loss.forward_masked(s_patch, t_patch_probs, mask)
+            ibot = self.ibot_loss.forward_head_masked(
+                self._ibot_head(self.student),
+                s_out["tokens"][scored],
+                t_patch_probs,
+                scored,
+                self.head_chunk,
+            )
             logs["ibot_loss"] = ibot.detach()
             total = total + self.ibot_weight * ibot
         if self.mfp_weight > 0:
-            mfp = masked_feature_loss(self.student["mfp_head"], s_out["tokens"], g, mask)
+            mfp = masked_feature_loss(self.student["mfp_head"], s_out["tokens"], g, scored)
             logs["mfp_loss"] = mfp.detach()
             total = total + self.mfp_weight * mfp
         if self.koleo_loss is not None:

@@ -42,7 +42,7 @@ def _logsumexp_over_samples(log_q: torch.Tensor) -> torch.Tensor:
     if _distributed():
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(log_q - safe_top).sum(dim=0, keepdim=True)
+    total = (log_q - safe_top).exp_().sum(dim=0, keepdim=True)
     if _distributed():
         dist.all_reduce(total)
     return safe_top + torch.log(total)
@@ -60,8 +60,9 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
         raise ValueError(f"sinkhorn_knopp temperature must be > 0, got {temp}")
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    log_q = logits.float() / temp
+    # in place on one float32 copy: at most two (B, K) tensors live at once
+    log_q = logits.to(torch.float32, copy=True).div_(temp)
     for _ in range(n_iterations):
-        log_q = log_q - _logsumexp_over_samples(log_q)  # every prototype: equal mass
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # every sample: mass one
-    return torch.exp(log_q)
+        log_q.sub_(_logsumexp_over_samples(log_q))  # every prototype: equal mass
+        log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))  # every sample: mass one
+    return log_q.exp_()
