@@ -28,6 +28,7 @@ from slidessl.train.distributed import (
     init_distributed,
     wrap_model,
 )
+from slidessl.train.memory import check_memory
 from slidessl.train.monitor import CollapseMonitor, MetricsWriter, MonitorWindow, NonFiniteGuard
 from slidessl.train.optim import build_optimizer
 from slidessl.train.schedules import build_schedules
@@ -130,6 +131,9 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
 
     arch = _build_arch(cfg, _feature_dim(slides)).to(device)
     arch.train()
+    # before anything is written or stepped: a run that cannot fit says so, naming knobs
+    tiles = getattr(slides, "num_tiles", None) or [int(cfg["data"]["max_tiles"])]
+    check_memory(cfg, arch, max(tiles), ctx.world_size)
     model = wrap_model(arch, ctx, cfg)
     # after wrapping: FSDP replaces the parameters with sharded ones
     optimizer = build_optimizer(arch.student, cfg)
