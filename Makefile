@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev]'
-	@# Public reference implementations, for the optional equivalence tests only (never runtime
-	@# deps). --no-deps: their own pins would pull another torch. Tests skip when absent.
-	$(PY) -m pip install -q --no-deps $(REFERENCE_PKGS) \
-	  || echo "reference packages unavailable: equivalence tests will be skipped"
+	@# Public reference implementations for the equivalence tests (never runtime deps), required:
+	@# a missing one fails the setup. --no-deps: their own pins would pull another torch.
+	$(PY) -m pip install -q --no-deps $(REFERENCE_PKGS)
+	$(PY) -c "import dinov2.loss, torchscale, einops"
 	@touch $(STAMP)
 
 setup: $(STAMP)

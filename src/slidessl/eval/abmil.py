@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from slidessl.eval.probe import grouped_stratified_split
 from slidessl.eval.tasks import Task
 from slidessl.models.abmil import GatedABMIL
+from slidessl.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ def run_abmil(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
-
     subs = []
     for task, fold in zip(tasks, folds):
         keep = np.array([s in features for s in task.slide_ids])
@@ -169,7 +168,7 @@ def run_abmil(
         sub.meta["n_missing_embeddings"] = int((~keep).sum())
         subs.append((sub, fold[keep], [features[s] for s in sub.slide_ids]))
     jobs = [(t, f) for t, (_, fold, _) in enumerate(subs) for f in range(int(fold.max()) + 1)]
-    bar = tqdm(total=len(jobs), desc="abmil", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="abmil", disable=not progress)
 
     def one(job):
         sub, fold, feats = subs[job[0]]

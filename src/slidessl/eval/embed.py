@@ -39,6 +39,7 @@ import torch
 from slidessl.data.collate import pad_crops
 from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
 from slidessl.eval.prototypes import PrototypeEmbedder, is_prototype_spec
+from slidessl.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 POOLINGS = ("cls", "mean", "pooled")
@@ -245,7 +246,6 @@ def run_embed(
         return run_gigapath_embed(
             encoder_spec, manifest, out, pooling, on_bad_slide, progress, gigapath_extrapolate
         )
-    from tqdm.auto import tqdm
 
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import Manifest, load_manifest
@@ -296,7 +296,9 @@ def run_embed(
     # Similar lengths in a batch waste less padding; order does not change the vectors.
     order = np.argsort(ds.num_tiles, kind="stable")
     with EmbeddingWriter(out, attrs_new) as writer:
-        bar = tqdm(total=len(ds), desc=f"embed {Path(encoder_spec).name}", disable=not progress)
+        bar = progress_bar(
+            total=len(ds), desc=f"embed {Path(encoder_spec).name}", disable=not progress
+        )
         for s in range(0, len(order), batch_size):
             items = [ds[int(i)] for i in order[s : s + batch_size]]
             items = [it for it in items if it is not None]

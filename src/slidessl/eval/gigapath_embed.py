@@ -45,6 +45,7 @@ from slidessl.models.gigapath import (
     published_states,
 )
 from slidessl.models.posenc import check_gigapath_table
+from slidessl.progress import progress as progress_bar
 
 __all__ = [
     "CONVENTION",
@@ -153,8 +154,6 @@ def run_gigapath_embed(
 ) -> dict:
     """Embed every slide of ``manifest`` with ``gigapath:PATH`` into ``out`` (resumable);
     returns the same summary dict as :func:`slidessl.eval.embed.run_embed`."""
-    from tqdm.auto import tqdm
-
     from slidessl.data.formats import SlideError, open_slide
     from slidessl.data.manifest import Manifest, load_manifest
 
@@ -201,7 +200,7 @@ def run_gigapath_embed(
     rules_seen: set[str] = set()
     dim = None
     with EmbeddingWriter(out, attrs) as writer:
-        for entry in tqdm(todo, desc=f"embed gigapath:{ckpt.name}", disable=not progress):
+        for entry in progress_bar(todo, desc=f"embed gigapath:{ckpt.name}", disable=not progress):
             try:
                 rec = open_slide(
                     entry.path,

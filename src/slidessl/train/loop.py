@@ -133,7 +133,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     arch.train()
     # before anything is written or stepped: a run that cannot fit says so, naming knobs
     tiles = getattr(slides, "num_tiles", None) or [int(cfg["data"]["max_tiles"])]
-    check_memory(cfg, arch, max(tiles), ctx.world_size)
+    memory = check_memory(cfg, arch, max(tiles), ctx.world_size)
     model = wrap_model(arch, ctx, cfg)
     # after wrapping: FSDP replaces the parameters with sharded ones
     optimizer = build_optimizer(arch.student, cfg)
@@ -255,7 +255,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     export_teacher(arch, out / "teacher", ctx.is_main)  # collective under FSDP
     if ctx.is_main:
         skipped = list(getattr(slides, "skipped", []))
-        write_summary(out, stats, monitor, guard, skipped, step, stop_at, cfg)
+        write_summary(out, stats, monitor, guard, skipped, step, stop_at, cfg, memory)
     return out
 
 
@@ -284,9 +284,9 @@ def _build_arch(cfg: dict, feature_dim: int):
 def _progress(t: dict, ctx, total: int, initial: int):
     if not (t["progress"] and ctx.is_main):
         return None
-    from tqdm.auto import tqdm
+    from slidessl.progress import progress
 
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
+    return progress(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
 def _log_row(step, epoch, res, sched, timing, arch, monitor, window) -> dict:

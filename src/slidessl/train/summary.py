@@ -87,9 +87,18 @@ def _window_mean(values: list[float], first: bool) -> float:
 
 
 def write_summary(
-    out: Path, stats: RunStats, monitor, guard, skipped: list, step: int, stop_at: int, cfg: dict
+    out: Path,
+    stats: RunStats,
+    monitor,
+    guard,
+    skipped: list,
+    step: int,
+    stop_at: int,
+    cfg: dict,
+    memory=None,
 ) -> dict:
-    """Write ``summary.json`` and print a short human summary; returns the dict."""
+    """Write ``summary.json`` and print a short human summary; returns the dict. ``memory``:
+    the step's peak-memory estimate (:class:`slidessl.train.memory.MemoryEstimate`)."""
     summary = {
         "steps": step,
         "planned_steps": stop_at,
@@ -111,6 +120,7 @@ def write_summary(
         "slides_per_s": stats.slides / stats.step_time if stats.step_time else None,
         "teacher": str(out / "teacher"),
         "recipe": cfg.get("_meta", {}).get("recipe"),
+        "memory_estimate_gib": memory.total / 2**30 if memory is not None else None,
         "losses": stats.losses,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
