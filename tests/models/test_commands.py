@@ -79,3 +79,19 @@ def test_encoder_flops_counts_linear_and_attention():
     linear = 2 * tokens * (4 * 64 * 64 + 2 * 64 * 128) + 2 * n * 64 * 64
     attn = 4 * tokens * tokens * 64
     assert encoder_flops(enc, n) == 3 * (linear + attn)
+
+
+def test_bench_defaults_depend_on_the_device():
+    """The CPU defaults are the short ones (about two minutes on two cores); CUDA keeps the
+    long sequence lengths; an explicit --n is never replaced."""
+    import argparse
+
+    from slidessl.models import commands
+
+    args = argparse.Namespace(n=None, mem_n=None)
+    commands._default(args, "n", "encoder_n", "cpu")
+    commands._default(args, "mem_n", "encoder_mem_n", "cuda:0")
+    assert args.n == [1024, 4096] and args.mem_n == [4096, 8192, 16384, 32768]
+    args = argparse.Namespace(n=[64])
+    commands._default(args, "n", "attention_n", "cpu")
+    assert args.n == [64]

@@ -11,12 +11,23 @@ from slidessl.train.config import load_config
 TINY = [
     "model.name=tiny",
     "model.overrides={depth: 2, in_dim: 16, embed_dim: 32, num_heads: 4, mlp_dim: 64}",
-    "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
-    "ibot.out_dim=64", "ibot.hidden_dim=32", "ibot.bottleneck_dim=16",
-    "crops.n_local=2", "crops.global_max_tiles=64", "crops.local_max_tiles=24",
-    "crops.global_min_tiles=16", "crops.local_min_tiles=6",
-    "data.num_workers=0", "train.progress=false", "train.tensorboard=false",
-    "train.precision=fp32", "optim.lr=1e-3", "optim.scale_lr=false",
+    "dino.out_dim=64",
+    "dino.hidden_dim=32",
+    "dino.bottleneck_dim=16",
+    "ibot.out_dim=64",
+    "ibot.hidden_dim=32",
+    "ibot.bottleneck_dim=16",
+    "crops.n_local=2",
+    "crops.global_max_tiles=64",
+    "crops.local_max_tiles=24",
+    "crops.global_min_tiles=16",
+    "crops.local_min_tiles=6",
+    "data.num_workers=0",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.precision=fp32",
+    "optim.lr=1e-3",
+    "optim.scale_lr=false",
 ]
 
 
@@ -35,9 +46,12 @@ def random_slide(rng, index, n=None, dim=16):
     side = int(np.ceil(np.sqrt(n * 1.6)))
     cells = rng.choice(side * side, size=n, replace=False)
     grid = np.stack([cells % side, cells // side], axis=1)
-    return {"slide_id": f"s{index}", "index": index,
-            "features": torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32)),
-            "grid": torch.from_numpy(grid.astype(np.int64))}
+    return {
+        "slide_id": f"s{index}",
+        "index": index,
+        "features": torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32)),
+        "grid": torch.from_numpy(grid.astype(np.int64)),
+    }
 
 
 @pytest.fixture

@@ -19,29 +19,38 @@ def _run(cfg, arch, batches_per_step):
     sch = build_schedules(cfg, steps_per_epoch=2, global_batch=4)
     losses, grads = [], None
     for step, micro in enumerate(batches_per_step):
-        res = optimizer_step(arch, arch, opt, micro, sch.at(step), device=torch.device("cpu"),
-                             clip_grad=None)
+        res = optimizer_step(
+            arch, arch, opt, micro, sch.at(step), device=torch.device("cpu"), clip_grad=None
+        )
         losses.append(res["loss"])
         if grads is None:
-            grads = {n: p.grad.clone() for n, p in arch.student.named_parameters()
-                     if p.grad is not None}
+            grads = {
+                n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None
+            }
     return arch, losses, grads
 
 
 def test_k_micro_batches_equal_one_big_batch(tiny_cfg, make_batch, rng):
     recipe = "dinov2"  # DINO + iBOT with a separate head, local crops, centering
-    extra = ["optim.freeze_last_layer_epochs=0", "optim.warmup_epochs=0", "koleo.loss_weight=0",
-             "dino.centering=centering", "crops.mask_probability=1.0",
-             # gradients that are zero in exact arithmetic (e.g. key biases under softmax)
-             # are float noise; Adam would blow that noise up to lr-sized steps
-             "optim.eps=1e-4"]
+    extra = [
+        "optim.freeze_last_layer_epochs=0",
+        "optim.warmup_epochs=0",
+        "koleo.loss_weight=0",
+        "dino.centering=centering",
+        "crops.mask_probability=1.0",
+        # gradients that are zero in exact arithmetic (e.g. key biases under softmax)
+        # are float noise; Adam would blow that noise up to lr-sized steps
+        "optim.eps=1e-4",
+    ]
     cfg = tiny_cfg(recipe, *extra)
     torch.manual_seed(int(rng.integers(1 << 30)))
     arch = SSLMetaArch(cfg, backbone=_encoder(cfg))
     slides = [random_slide(rng, i) for i in range(8)]
     big = [[make_batch(cfg, slides[0:4])], [make_batch(cfg, slides[4:8])]]
-    small = [[make_batch(cfg, slides[0:2]), make_batch(cfg, slides[2:4])],
-             [make_batch(cfg, slides[4:6]), make_batch(cfg, slides[6:8])]]
+    small = [
+        [make_batch(cfg, slides[0:2]), make_batch(cfg, slides[2:4])],
+        [make_batch(cfg, slides[4:6]), make_batch(cfg, slides[6:8])],
+    ]
     a_big, l_big, g_big = _run(cfg, arch, big)
     a_small, l_small, g_small = _run(cfg, arch, small)
     assert l_big == pytest.approx(l_small, abs=1e-5)

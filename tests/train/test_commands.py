@@ -16,7 +16,14 @@ def test_unknown_key_exits_2_naming_it(capsys):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
-    code = main(["pretrain", "demo", f"data.manifest={tmp_path / 'nope.csv'}",
-                 f"out={tmp_path / 'run'}", "train.progress=false"])
+    code = main(
+        [
+            "pretrain",
+            "demo",
+            f"data.manifest={tmp_path / 'nope.csv'}",
+            f"out={tmp_path / 'run'}",
+            "train.progress=false",
+        ]
+    )
     assert code == 1
     assert "nope.csv" in capsys.readouterr().err

@@ -24,8 +24,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool = False) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     pretrain(cfg, resume=resume)
 
@@ -33,17 +38,29 @@ def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool = False) -
 def _config(manifest, out, batch, *extra):
     # Adam's eps damps gradients that are zero in exact arithmetic (key biases) but differ in
     # float noise between a 2-rank all-reduce and a single-process sum.
-    return load_config("dino", [*TINY, f"data.manifest={manifest}", f"out={out}",
-                                f"train.batch_size={batch}", "train.epochs=1",
-                                "train.steps_per_epoch=2",
-                                "optim.eps=1e-4", "optim.freeze_last_layer_epochs=0",
-                                "optim.warmup_epochs=0", "crops.n_local=1", *extra])
+    return load_config(
+        "dino",
+        [
+            *TINY,
+            f"data.manifest={manifest}",
+            f"out={out}",
+            f"train.batch_size={batch}",
+            "train.epochs=1",
+            "train.steps_per_epoch=2",
+            "optim.eps=1e-4",
+            "optim.freeze_last_layer_epochs=0",
+            "optim.warmup_epochs=0",
+            "crops.n_local=1",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_gloo_processes_match_one_process(tmp_path):
-    manifest = make_cohort(tmp_path / "cohort", n_slides=4, seed=5, dim=16, min_tiles=60,
-                           max_tiles=120)
+    manifest = make_cohort(
+        tmp_path / "cohort", n_slides=4, seed=5, dim=16, min_tiles=60, max_tiles=120
+    )
     single = _config(manifest, tmp_path / "one", batch=2)
     pretrain(single)
     double = _config(manifest, tmp_path / "two", batch=1)
@@ -74,8 +91,9 @@ def test_fsdp_resume_reproduces_uninterrupted_run(tmp_path):
     """Stop a 2-process FSDP run mid-epoch and resume it, every rank from its own shards:
     the same losses and the same exported teacher as a run that was never stopped (DDP
     checkpoints are plain state dicts, resumed as in tests/train/test_pretrain.py)."""
-    manifest = make_cohort(tmp_path / "cohort", n_slides=4, seed=6, dim=16, min_tiles=60,
-                           max_tiles=120)
+    manifest = make_cohort(
+        tmp_path / "cohort", n_slides=4, seed=6, dim=16, min_tiles=60, max_tiles=120
+    )
     extra = ["distributed.strategy=fsdp", "train.epochs=2", "train.checkpoint_every=1"]
     full = _config(manifest, tmp_path / "full", 1, *extra)
     mp.spawn(_worker, args=(2, _free_port(), full), nprocs=2, join=True)

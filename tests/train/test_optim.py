@@ -32,8 +32,13 @@ def test_layer_decay_really_applies_per_block(depth):
     assert lr_of["backbone.norm.weight"] == pytest.approx(1.0)
     assert lr_of["dino_head.mlp.0.weight"] == pytest.approx(1.0)
     # no weight decay on norms, biases and tokens; decay on matrices
-    for n in ("backbone.cls_token", "backbone.mask_token", "backbone.norm.weight",
-              "backbone.patch_embed.bias", "backbone.blocks.0.ffn.fc1.bias"):
+    for n in (
+        "backbone.cls_token",
+        "backbone.mask_token",
+        "backbone.norm.weight",
+        "backbone.patch_embed.bias",
+        "backbone.blocks.0.ffn.fc1.bias",
+    ):
         assert wd_of[n] == 0.0, n
     assert wd_of["backbone.blocks.0.ffn.fc1.weight"] == pytest.approx(0.1)
     # every trainable parameter appears exactly once

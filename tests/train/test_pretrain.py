@@ -41,8 +41,9 @@ def test_recipe_runs_and_exports_teacher(recipe, extra, tiny_cfg, cohort, tmp_pa
     assert len(rows) == 3 and "teacher_usage" in rows[0]
     enc = slidessl.load_encoder(out / "teacher")
     ckpt = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    teacher = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items()
-               if k.startswith("backbone.")}
+    teacher = {
+        k[len("backbone.") :]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")
+    }
     for name, value in enc.state_dict().items():
         assert torch.equal(value, teacher[name]), name
     if recipe != "dino":
@@ -50,9 +51,14 @@ def test_recipe_runs_and_exports_teacher(recipe, extra, tiny_cfg, cohort, tmp_pa
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_cfg, cohort, tmp_path):
-    extra = ["train.batch_size=2", "train.checkpoint_every=2", "data.num_workers=1",
-             "train.steps_per_epoch=2",
-             "crops.feature_noise=0.1", "model.overrides.drop_path_rate=0.1"]
+    extra = [
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "data.num_workers=1",
+        "train.steps_per_epoch=2",
+        "crops.feature_noise=0.1",
+        "model.overrides.drop_path_rate=0.1",
+    ]
     full = pretrain(_cfg(tiny_cfg, "dino", cohort, tmp_path / "full", *extra))
     part_cfg = _cfg(tiny_cfg, "dino", cohort, tmp_path / "part", *extra, "train.max_steps=3")
     pretrain(part_cfg)  # stops mid-epoch 2 (2 steps per epoch)
@@ -83,8 +89,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop(tiny_cfg, cohort, tmp_path
         return loss, logs
 
     monkeypatch.setattr(SSLMetaArch, "compute_loss", flaky)
-    out = pretrain(_cfg(tiny_cfg, "dino", cohort, tmp_path / "a", "train.batch_size=2",
-                        "train.max_steps=3"))
+    out = pretrain(
+        _cfg(tiny_cfg, "dino", cohort, tmp_path / "a", "train.batch_size=2", "train.max_steps=3")
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nan_steps"] == 1 and summary["steps"] == 3
 
@@ -93,8 +100,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop(tiny_cfg, cohort, tmp_path
         return loss * float("inf"), logs
 
     monkeypatch.setattr(SSLMetaArch, "compute_loss", always_nan)
-    cfg = _cfg(tiny_cfg, "dino", cohort, tmp_path / "b", "train.batch_size=2",
-               "train.max_nan_steps=2")
+    cfg = _cfg(
+        tiny_cfg, "dino", cohort, tmp_path / "b", "train.batch_size=2", "train.max_nan_steps=2"
+    )
     with pytest.raises(FloatingPointError, match="max_nan_steps=2"):
         pretrain(cfg)
 
@@ -104,8 +112,15 @@ def test_bad_slide_is_skipped_and_counted(tiny_cfg, cohort, tmp_path):
     shutil.copytree(cohort.parent, root)
     victim = sorted((root / "slides").glob("*.h5"))[0]
     victim.write_bytes(b"this is not an HDF5 file")
-    cfg = _cfg(tiny_cfg, "dino", root / "manifest.csv", tmp_path / "run", "train.max_steps=1",
-               "train.batch_size=2", "data.on_bad_slide=skip")
+    cfg = _cfg(
+        tiny_cfg,
+        "dino",
+        root / "manifest.csv",
+        tmp_path / "run",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "data.on_bad_slide=skip",
+    )
     with pytest.warns(UserWarning, match="skipping slide"):
         out = pretrain(cfg)
     summary = json.loads((out / "summary.json").read_text())

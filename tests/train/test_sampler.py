@@ -20,8 +20,8 @@ def test_shards_partition_each_global_batch(world, micro, accum, rng):
         assert len(ref) == steps * gb
         per_step = gb // world
         for t in range(steps):
-            got = sorted(i for p in per_rank for i in p[t * per_step:(t + 1) * per_step])
-            assert got == sorted(ref[t * gb:(t + 1) * gb])
+            got = sorted(i for p in per_rank for i in p[t * per_step : (t + 1) * per_step])
+            assert got == sorted(ref[t * gb : (t + 1) * gb])
         assert len(set(ref)) == len(ref)
     samplers[0].set_epoch(0)
     e0 = list(samplers[0])
@@ -34,7 +34,7 @@ def test_start_step_skips_done_steps():
     s.set_epoch(2)
     full = list(s)
     s.set_epoch(2, start_step=3)
-    assert list(s) == full[3 * 2:]
+    assert list(s) == full[3 * 2 :]
     assert len(s) == len(full) - 6
 
 

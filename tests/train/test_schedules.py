@@ -30,8 +30,15 @@ def test_freeze_then_warmup():
 
 
 def test_build_schedules_from_config():
-    cfg = load_config("dino", ["train.epochs=4", "teacher.warmup_temp_epochs=2",
-                               "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=1"])
+    cfg = load_config(
+        "dino",
+        [
+            "train.epochs=4",
+            "teacher.warmup_temp_epochs=2",
+            "optim.warmup_epochs=1",
+            "optim.freeze_last_layer_epochs=1",
+        ],
+    )
     sch = build_schedules(cfg, steps_per_epoch=5, global_batch=512)
     first, later = sch.at(0), sch.at(12)
     assert first["teacher_temp"] == pytest.approx(cfg["teacher"]["warmup_temp"])
