@@ -136,3 +136,43 @@ def test_cuda_lse_gradients_match_math(mode, dtype, masked, lse_grad):
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     for a, e in zip(got, ref):
         assert ((a.double().cpu() - e).norm() / e.norm()).item() < tol
+
+
+def test_a_changed_private_kernel_falls_back_to_the_public_path(rng, monkeypatch):
+    """A torch whose private attention kernels changed signature (TypeError) gets one
+    warning and the public path, with the same outputs, LSE and exact gradients."""
+    from slidessl.models import lse as mod
+
+    def changed(*args, **kwargs):
+        raise TypeError("_scaled_dot_product_flash_attention_for_cpu() got an unexpected arg")
+
+    monkeypatch.setattr(mod, "_PRIVATE_OK", {})
+    monkeypatch.setattr(mod, "_kernel_forward", changed)
+    monkeypatch.setattr(mod, "_PUBLIC_LSE_CHUNK", 5)  # several query chunks
+    q, k, v = (
+        torch.from_numpy(rng.standard_normal((2, 3, 13, 8))).requires_grad_() for _ in range(3)
+    )
+    valid = torch.from_numpy(rng.random((2, 1, 1, 13)) < 0.8)
+    valid[..., 0] = True
+    with pytest.warns(RuntimeWarning, match="public scaled_dot_product_attention"):
+        out, lse = mod.attention_with_lse(q, k, v, valid)
+    assert mod._PRIVATE_OK == {"cpu": False}
+    g = torch.autograd.grad((out * 1.3).sum() + (lse * 0.7).sum(), (q, k, v))
+    ref_out, ref_lse = mod._manual(q, k, v, valid, 8**-0.5)
+    ref = torch.autograd.grad((ref_out * 1.3).sum() + (ref_lse * 0.7).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    for a, b in zip(g, ref):
+        torch.testing.assert_close(a, b)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once: no second warning
+        mod.attention_with_lse(q, k, v, valid)
+
+
+def test_private_kernels_pass_their_check_on_this_torch():
+    from slidessl.models import lse as mod
+
+    mod._PRIVATE_OK.pop("cpu", None)
+    assert mod.private_kernels_ok("cpu")

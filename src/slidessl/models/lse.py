@@ -19,6 +19,13 @@ missing term in one of two ways (``set_lse_grad``):
   path there): a term whose value is the LSE and whose gradient is the true one,
   ``d lse_q / d q = scale * sum_j p_qj k_j`` and ``d lse_q / d k_j = scale * p_qj q``,
   from one extra SDPA call with ``V = K``.
+
+The fused kernels that return the LSE are private aten operators whose signatures change
+between torch releases. The first call on a device type checks them once (a tiny forward
+and backward against the explicit math, :func:`private_kernels_ok`); if they fail, one
+warning says so and every later call takes the public path: ``scaled_dot_product_attention``
+for the output, the LSE from query-chunked matmuls, exact gradients through the surrogate
+term above. ``SLIDESSL_PRIVATE_KERNELS=0`` forces the public path.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ __all__ = [
     "get_backend",
     "get_lse_grad",
     "lse_grad_mode",
+    "private_kernels_ok",
     "set_backend",
     "set_lse_grad",
 ]
@@ -42,6 +50,8 @@ _MASK_VALUE = -1.0e4  # large enough that exp underflows to 0, finite in fp16/bf
 _BACKEND = {"name": os.environ.get("SLIDESSL_LSE_BACKEND", "auto")}
 _LSE_GRAD = {"name": os.environ.get("SLIDESSL_LSE_GRAD", "auto")}
 _LSE_GRAD_MODES = ("auto", "kernel", "surrogate")
+_PRIVATE_OK: dict[str, bool] = {}  # device type -> the private kernels passed their check
+_PUBLIC_LSE_CHUNK = 1024  # query rows per matmul of the public LSE
 
 
 def set_backend(name: str) -> None:
@@ -217,6 +227,71 @@ class _KernelLse(torch.autograd.Function):
         return dq[..., :d], dk[..., :d], dv[..., :d], None, None
 
 
+def _check_private(device_type: str) -> None:
+    """Raise unless the private kernels run and match the explicit math on a tiny input."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 2, 9, 8, generator=gen).to(device_type).requires_grad_()
+        for _ in range(3)
+    )
+    valid = torch.ones(1, 1, 1, 9, dtype=torch.bool, device=device_type)
+    valid[..., -2:] = False
+    scale = 8**-0.5
+    with torch.enable_grad():
+        out, lse = _KernelLse.apply(q, k, v, _kernel_bias(valid, q, k), scale)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        ref_out, ref_lse = _manual(q, k, v, valid, scale)
+        ref = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), (q, k, v))
+    for got, want in zip((out, lse, *grads), (ref_out, ref_lse, *ref)):
+        if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
+            raise RuntimeError("results differ from the explicit attention math")
+
+
+def private_kernels_ok(device_type: str) -> bool:
+    """Whether the private fused kernels work on this torch and device type (checked once
+    per process; a failure warns once and routes every later call to the public path)."""
+    if device_type not in _PRIVATE_OK:
+        if os.environ.get("SLIDESSL_PRIVATE_KERNELS", "1") == "0":
+            _PRIVATE_OK[device_type] = False
+            return False
+        try:
+            _check_private(device_type)
+            _PRIVATE_OK[device_type] = True
+        except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
+            _PRIVATE_OK[device_type] = False
+            warnings.warn(
+                f"torch {torch.__version__}: the private fused attention kernels slidessl "
+                f"uses for the exact LSE do not work on {device_type} ({type(exc).__name__}: "
+                f"{exc}); using public scaled_dot_product_attention (exact, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _PRIVATE_OK[device_type]
+
+
+def _public(q, k, v, key_valid, scale, exact_grad, needs_grad):
+    """Public-API ``(out, lse)``: SDPA for ``out``; the LSE from query-chunked matmuls (no
+    autograd graph of the scores), with the exact gradient from the surrogate term."""
+    mask = None if key_valid is None else _bias(key_valid, q.dtype, k.shape[-2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    acc = _acc(q.dtype)
+    with torch.no_grad():
+        parts = []
+        for lo in range(0, q.shape[-2], _PUBLIC_LSE_CHUNK):
+            scores = torch.matmul(q[..., lo : lo + _PUBLIC_LSE_CHUNK, :], k.transpose(-1, -2))
+            scores = scores.to(acc).mul_(scale)
+            if mask is not None:
+                scores = scores + mask.to(acc)
+            parts.append(torch.logsumexp(scores, dim=-1))
+        lse = torch.cat(parts, dim=-1)
+    if exact_grad and needs_grad:
+        pk = F.scaled_dot_product_attention(q.detach(), k.detach(), k, attn_mask=mask, scale=scale)
+        t_q = (q * pk.detach()).sum(-1).to(acc) * scale
+        t_k = (q.detach() * pk).sum(-1).to(acc) * scale
+        lse = lse + (t_q - t_q.detach()) + (t_k - t_k.detach())
+    return out, lse
+
+
 def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     """Attention over ``(B, H, L, D)`` tensors; returns ``(out, lse)``.
 
@@ -230,6 +305,8 @@ def attention_with_lse(q, k, v, key_valid=None, exact_grad=True):
     if q.device.type != "cpu":  # the CPU kernel reads strided inputs; keep CUDA conservative
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if q.device.type in ("cpu", "cuda") and not private_kernels_ok(q.device.type):
+        return _public(q, k, v, key_valid, scale, exact_grad, needs_grad)
     if (
         exact_grad
         and needs_grad
