@@ -75,7 +75,9 @@ def test_gradients_and_checkpointing_agree():
     # every parameter but the (unused) mask token learns
     assert set(plain) == {k for k, _ in enc.named_parameters()} - {"mask_token"}
     enc.zero_grad()
+    config = dict(enc.config)
     enc.set_grad_checkpointing(True)
+    assert enc.config == config  # a runtime switch never alters the exported config
     enc.forward_features(x, c, pm)["cls"].pow(2).sum().backward()
     for k, p in enc.named_parameters():
         if k in plain:

@@ -186,8 +186,9 @@ class SlideEncoder(nn.Module):
                     lin.weight.data.mul_(gain)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward (a runtime switch, as timm's; the exported
+        ``config`` keeps what the encoder was built with)."""
         self.grad_checkpointing = bool(enable)
-        self.config["grad_checkpointing"] = bool(enable)
 
     def _check(self, x, coords, padding_mask, token_mask):
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
