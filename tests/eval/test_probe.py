@@ -1,7 +1,7 @@
 import numpy as np
 
-from slidessl.eval.folds import make_folds
-from slidessl.eval.probe import _standardize, grouped_stratified_split, probe_task
+from slidessl.eval.folds import grouped_stratified_split, make_folds
+from slidessl.eval.probe import _standardize, probe_task
 from slidessl.eval.results import summarize
 from slidessl.eval.tasks import Task
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from reference_attention import reference_branch, reference_dilated_attention
 from slidessl.models import attention as attention_mod
 from slidessl.models import lse as lse_mod
 from slidessl.models.attention import dense_attention, dilated_attention
-from slidessl.models.reference import reference_branch, reference_dilated_attention
 
 
 def _qkv(b, n, h, d, dtype=torch.float64, grad=False):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from reference_attention import reference_dilated_attention
 from slidessl.models import attention as attention_mod
 from slidessl.models.attention import branch_layout, dilated_attention
-from slidessl.models.reference import reference_dilated_attention
 
 
 @pytest.fixture(autouse=True)

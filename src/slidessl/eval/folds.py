@@ -13,7 +13,8 @@ The folds file (JSON) holds one assignment per task::
 
 ``resolve_folds`` reads the file when it holds the task, checks it (every slide of the task
 present, no patient in two folds) and otherwise computes the task's folds and adds them to
-the file, so the next method run sees exactly the same split.
+the file, so the next method run sees exactly the same split. ``grouped_stratified_split`` is
+the fast seeded splitter of the inner CV (probe C selection, ABMIL early stopping).
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ def make_folds(task: Task, k: int = 10, seed: int = 0) -> np.ndarray:
             k,
         )
     return fold
+
+
+def grouped_stratified_split(y: np.ndarray, groups: np.ndarray, k: int, seed: int = 0):
+    """Fold index of each slide for the *inner* CV of the probe and ABMIL: patients are keyed
+    by their highest label, shuffled, and dealt round-robin into ``k`` folds within each key.
+    The outer folds (``make_folds``) come from StratifiedGroupKFold, which is too slow to
+    call once per (task, outer fold, label) here; this one is vectorised and seeded."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    key = np.zeros(len(uniq), dtype=np.int64)
+    np.maximum.at(key, inv, y.astype(np.int64))
+    patient_fold = np.empty(len(uniq), dtype=np.int64)
+    for kv in np.unique(key):
+        members = rng.permutation(np.where(key == kv)[0])
+        patient_fold[members] = (np.arange(len(members)) + rng.integers(k)) % k
+    return patient_fold[inv]
 
 
 def check_folds(task: Task, fold: np.ndarray, where: str = "folds") -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
-from slidessl.eval.folds import resolve_folds
+from slidessl.eval.folds import grouped_stratified_split, resolve_folds
 from slidessl.eval.logreg import LogRegPath, fit_path
 from slidessl.eval.results import summarize
 from slidessl.eval.tasks import Task
@@ -38,21 +38,6 @@ def _standardize(X: np.ndarray, train: np.ndarray) -> np.ndarray:
     sd = X[train].std(axis=0)
     sd[sd < 1e-8] = np.inf  # constant on the training slides: carries no information
     return (X - mu) / sd
-
-
-def grouped_stratified_split(y: np.ndarray, groups: np.ndarray, k: int, seed: int = 0):
-    """Fast patient-grouped stratified k-fold for the inner CV: patients are keyed by their
-    highest label, shuffled, and dealt round-robin into folds within each key (sklearn's
-    StratifiedGroupKFold gives the outer folds; it is too slow to call 3 x 50 times)."""
-    rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    key = np.zeros(len(uniq), dtype=np.int64)
-    np.maximum.at(key, inv, y.astype(np.int64))
-    patient_fold = np.empty(len(uniq), dtype=np.int64)
-    for kv in np.unique(key):
-        members = rng.permutation(np.where(key == kv)[0])
-        patient_fold[members] = (np.arange(len(members)) + rng.integers(k)) % k
-    return patient_fold[inv]
 
 
 def select_c(

@@ -231,8 +231,7 @@ def _check_private(device_type: str) -> None:
     """Raise unless the private kernels run and match the explicit math on a tiny input."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (
-        torch.randn(1, 2, 9, 8, generator=gen).to(device_type).requires_grad_()
-        for _ in range(3)
+        torch.randn(1, 2, 9, 8, generator=gen).to(device_type).requires_grad_() for _ in range(3)
     )
     valid = torch.ones(1, 1, 1, 9, dtype=torch.bool, device=device_type)
     valid[..., -2:] = False

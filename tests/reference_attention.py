@@ -1,4 +1,4 @@
-"""Exact, loop-based math reference for dense and dilated attention (tests only).
+"""Exact, loop-based math reference for dense and dilated attention (for the tests; not shipped).
 
 It follows the LongNet definition (Ding et al., 2023, arXiv:2307.02486) literally: for
 every branch, segment and head it lists the key positions explicitly, computes a softmax
