@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from slidessl.models.bench import _step, bench_attention, bench_encoder
+from slidessl.models.bench import bench_attention, bench_encoder, encoder_step
 from slidessl.models.encoder import build_encoder
 from slidessl.models.lse import set_lse_grad
 
@@ -41,7 +41,7 @@ def profile_step(preset, n, device, dtype, rows=18):
     encoder = build_encoder(preset).to(device).train()
     for mode in ("surrogate", "kernel"):
         set_lse_grad(mode)
-        step = _step(encoder, n, device, dt, int(n**0.5) + 1)
+        step = encoder_step(encoder, n, device, dt, int(n**0.5) + 1)
         for _ in range(2):
             step()
         if device.type == "cuda":

@@ -91,7 +91,9 @@ VARIANTS.update(
         "long-range, no iBOT": (_LONG + ["ibot.loss_weight=0.0"], "regions:8,24", "objective"),
         "long-range, thin crops": (_LONG + ["crops.oversize=thin"], "regions:8,24", "density"),
         "long-range, no centring": (
-            _LONG + ["model.overrides.input_center=false"], "regions:8,24", "stain"
+            _LONG + ["model.overrides.input_center=false"],
+            "regions:8,24",
+            "stain",
         ),
         "long-range, +MFP": (_LONG + ["mfp.loss_weight=1.0"], "regions:8,24", "objective"),
         "+MFP": (["mfp.loss_weight=1.0"], "mean", "objective: + masked feature prediction (MAE)"),

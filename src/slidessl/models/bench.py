@@ -23,7 +23,7 @@ from slidessl.models.encoder import (
 )
 from slidessl.models.lse import lse_grad_mode
 
-__all__ = ["matmul_peak", "bench_attention", "bench_encoder", "encoder_flops"]
+__all__ = ["matmul_peak", "bench_attention", "bench_encoder", "encoder_flops", "encoder_step"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,7 +154,7 @@ def _peak_mem(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _step(encoder, n, device, dt, grid_side, batch=1, cache=True):
+def encoder_step(encoder, n, device, dt, grid_side, batch=1, cache=True):
     """One fwd+bwd closure on static random inputs (``batch`` slides of ``n`` tiles, no
     padding mask: the no-mask path has no host sync, so it can be captured in a graph)."""
     x = torch.randn(batch, n, encoder.in_dim, device=device)
@@ -222,7 +222,7 @@ def _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out):
             _reset_mem(device)
             graph = None
             try:
-                step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b, cache=False)
+                step = encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b, cache=False)
                 graph = _graphed(step, device)
                 sec = _timeit(graph.replay, device, repeats)
             except Exception as exc:  # any capture / replay failure is reported, not fatal
@@ -284,7 +284,7 @@ def bench_encoder(
         for b in batch_sizes:
             encoder.set_grad_checkpointing(False)
             _reset_mem(device)
-            step = _step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b)
+            step = encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b)
             try:
                 sec = _timeit(step, device, repeats, warmup)
             except torch.OutOfMemoryError:
@@ -304,11 +304,13 @@ def bench_encoder(
     if (
         mem_ns and warmup
     ):  # one untimed checkpointed step so that one-off start-up is not in row one
-        _step(encoder, min(mem_ns), device, dt, int(math.sqrt(min(mem_ns))) + 1)()
+        encoder_step(encoder, min(mem_ns), device, dt, int(math.sqrt(min(mem_ns))) + 1)()
     for n in mem_ns:
         _reset_mem(device)
         try:
-            sec = _timeit(_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, 1, False)
+            sec = _timeit(
+                encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, 1, False
+            )
         except torch.OutOfMemoryError:
             encoder.zero_grad(set_to_none=True)
             _reset_mem(device)
