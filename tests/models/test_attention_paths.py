@@ -1,4 +1,4 @@
-"""The strided-view layout of dilated attention: padding, sparse rows, autograd graph."""
+"""The packed layout of dilated attention: segments, the row plan, the autograd graph."""
 
 import pytest
 import torch
@@ -30,24 +30,31 @@ def test_pieces_split_off_the_partial_segment():
     assert attention_mod.attention_flops(8193, 4, [1024], [1]) == full + 4.0 * 4
 
 
-@pytest.mark.parametrize("h,r", [(4, 1), (8, 4), (6, 4), (3, 8), (2, 2)])
-def test_sparse_rows_pick_each_heads_offsets(h, r):
-    b, s, rows, d = 2, 3, 5, 4
-    x = torch.randn(b, s, rows * r, h, d)
-    group = torch.arange(h) // -(-h // r)
-    got = attention_mod._sparse_rows(x, r, group).view(b, s, h, rows, d)
-    for head in range(h):
-        offsets = group[head].item() + r * torch.arange(rows)
-        torch.testing.assert_close(got[:, :, head], x[:, :, offsets, head], rtol=0, atol=0)
+@pytest.mark.parametrize("n,h,segs,dils", [(257, 4, [32, 128, 512], [1, 2, 4]), (37, 6, [5], [2])])
+def test_plan_rows_cover_each_branch_once(n, h, segs, dils):
+    """Every (position, head) that a branch keeps is one real row of the plan, read from
+    and added back to that position; no branch refers to a padding row."""
+    plan = attention_mod._plan(2, n, h, segs, dils, "cpu")
+    rows = plan.gather.numel()
+    assert plan.valid.numel() == rows
+    per = plan.rows_of.view(2 * n * h, len(segs))
+    used = per[per != plan.sentinel]
+    assert plan.valid[used].all() and len(used.unique()) == len(used) == int(plan.valid.sum())
+    for i, (w, r) in enumerate(zip(segs, dils)):
+        group = torch.arange(h) // -(-h // r)
+        for p in (0, 1, n - 1):
+            start = (p // min(w, n)) * min(w, n)
+            kept = (p - start) % r == group  # (H,): heads of this branch that see p
+            for head in range(h):
+                row = per[p * h + head, i].item()
+                assert (row != plan.sentinel) == bool(kept[head]), (p, head, i)
+                if row != plan.sentinel:
+                    assert plan.gather[row] == p * h + head
 
 
-def test_pad_unpad_round_trip():
-    x = torch.randn(2, 37, 3, 4)
-    n_seg, w, w_pad = branch_layout(37, 3, 5, 2)
-    padded = attention_mod._pad_segments(x, n_seg, w, w_pad)
-    assert padded.shape == (2, n_seg, w_pad, 3, 4)
-    assert torch.all(padded[:, :, w:] == 0)
-    torch.testing.assert_close(attention_mod._unpad_segments(padded, 37, w), x)
+def test_plan_is_cached():
+    a = attention_mod._plan(1, 100, 4, [16, 64], [1, 2], "cpu")
+    assert attention_mod._plan(1, 100, 4, [16, 64], [1, 2], "cpu") is a
 
 
 def _graph_ops(tensor):

@@ -86,6 +86,7 @@ def test_kernel_backward_float32_and_bf16_close_to_float64(lse_grad):
 
 def _flash_calls(mode, lse_grad):
     lse_grad(mode)
+    assert lse_mod.private_kernels_ok("cpu")  # the one-time check runs outside the profile
     q, k, v = (torch.randn(1, 300, 4, 8, requires_grad=True) for _ in range(3))
     with torch.profiler.profile() as prof:
         out = dilated_attention(q, k, v, [64, 256], [1, 2])
@@ -97,14 +98,21 @@ def _flash_calls(mode, lse_grad):
 
 
 def test_kernel_mode_needs_no_extra_attention_call(lse_grad, monkeypatch):
-    """Kernel mode: one forward and one backward kernel per piece; the surrogate needs a
-    second forward (and its backward) per piece."""
+    """Kernel mode: one forward and one backward kernel per segment length; the surrogate
+    needs a second forward (and its backward) per length."""
     from slidessl.models import attention as attention_mod
 
     monkeypatch.setattr(attention_mod, "SMALL_N_BIAS_ELEMENTS", 0)
-    # 300 tokens: branch 64 -> 4 whole segments + a partial one, branch 256 -> 1 + 1: 4 pieces
-    assert _flash_calls("kernel", lse_grad) == (4, 4)
-    assert _flash_calls("surrogate", lse_grad) == (8, 8)
+    # 300 tokens: branch 64 -> 4 segments of 64 + a partial one of 44, branch 256 (r = 2)
+    # -> 128 + 22 sparse rows; the 22 are padded into the 44 (a small share of the work):
+    # three lengths, 44, 64 and 128
+    assert [c[0] for c in attention_mod._plan(1, 300, 4, [64, 256], [1, 2], "cpu").classes] == [
+        44,
+        64,
+        128,
+    ]
+    assert _flash_calls("kernel", lse_grad) == (3, 3)
+    assert _flash_calls("surrogate", lse_grad) == (6, 6)
 
 
 def test_unknown_lse_grad_mode_is_rejected():

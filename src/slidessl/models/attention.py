@@ -21,7 +21,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from slidessl.models.lse import attention_with_lse
+from slidessl.models.lse import (
+    MASK_VALUE,
+    attention_with_lse,
+    packed_attention_available,
+    packed_attention_with_lse,
+)
 
 __all__ = [
     "branch_layout",
@@ -53,11 +58,11 @@ def validate_branches(segments, dilations) -> tuple[tuple[int, ...], tuple[int, 
 def branch_layout(n: int, heads: int, segment: int, dilation: int) -> tuple[int, int, int]:
     """Padded layout of one branch: ``(n_seg, w, w_pad)``.
 
-    The sequence is padded (masked) to ``n_seg * w`` tokens so that segments of ``w =
-    min(segment, n)`` tokens are a view, and each segment to ``w_pad = r * ceil(w / r)``
-    tokens so that its sparse rows are a ``(L, r)`` view: head ``h`` belongs to group
-    ``h // ceil(heads / r)`` (torchscale pads heads to a multiple of ``r``) and keeps the
-    in-segment offsets ``group + r * l``, i.e. column ``group`` of that view.
+    Segments hold ``w = min(segment, n)`` tokens (``n_seg`` of them, the last one padded),
+    each padded to ``w_pad = r * ceil(w / r)`` so that it has ``L = w_pad / r`` sparse rows:
+    head ``h`` belongs to group ``h // ceil(heads / r)`` (torchscale pads heads to a
+    multiple of ``r``) and keeps the in-segment offsets ``group + r * l``, ``l < L``
+    (offsets ``>= w`` are padding, masked).
     """
     w = min(segment, n)
     n_seg = -(-n // w)
@@ -66,46 +71,6 @@ def branch_layout(n: int, heads: int, segment: int, dilation: int) -> tuple[int,
 
 def _head_group(heads: int, dilation: int, device) -> torch.Tensor:
     return torch.arange(heads, device=device) // -(-heads // dilation)
-
-
-def _pad_segments(x, n_seg, w, w_pad):
-    """``(B, N, ...)`` -> ``(B, n_seg, w_pad, ...)``, zero-padded at the end of the sequence
-    and of every segment (a view when nothing needs padding)."""
-    b, n = x.shape[:2]
-    rest = x.shape[2:]
-    tail = [0, 0] * len(rest)
-    if n_seg * w != n:
-        x = F.pad(x, tail + [0, n_seg * w - n])
-    x = x.view(b, n_seg, w, *rest)
-    if w_pad != w:
-        x = F.pad(x, tail + [0, w_pad - w])
-    return x
-
-
-def _unpad_segments(x, n, w):
-    """Inverse of `_pad_segments`: ``(B, n_seg, w_pad, ...)`` -> ``(B, N, ...)``."""
-    b, n_seg = x.shape[:2]
-    if x.shape[2] != w:
-        x = x[:, :, :w]
-    return x.reshape(b, n_seg * w, *x.shape[3:])[:, :n]
-
-
-def _sparse_rows(x, r, group):
-    """``(B, S, L * r, H, D)`` -> ``(B * S, H, L, D)``: head ``h`` keeps column ``group[h]``
-    of the ``(L, r)`` view of its segment. A diagonal (strided view) when the heads split
-    evenly into ``r`` groups, one ``index_select`` otherwise; never a sort-based kernel."""
-    b, s, wp, h, d = x.shape
-    rows = wp // r
-    if r == 1:
-        sel = x.permute(0, 1, 3, 2, 4)  # (B, S, H, L, D)
-    elif h % r == 0:
-        diag = x.view(b, s, rows, r, r, h // r, d).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,D,r)
-        sel = diag.permute(0, 1, 5, 3, 2, 4)  # (B, S, r, H/r, L, D)
-    else:
-        flat = x.reshape(b, s, rows, r * h, d)
-        index = group * h + torch.arange(h, device=x.device)
-        sel = flat.index_select(3, index).permute(0, 1, 3, 2, 4)
-    return sel.reshape(b * s, h, rows, d)
 
 
 def multiplicity_bias(n, heads, segments, dilations, device, dtype):
@@ -166,140 +131,6 @@ def dense_attention(q, k, v, padding_mask=None):
     return out
 
 
-class _Piece(NamedTuple):
-    """Tokens ``[start, stop)`` of one branch as ``n_seg`` segments of ``w`` tokens, each
-    padded to ``w_pad`` (a multiple of ``r``); ``group[h]`` is head ``h``'s offset."""
-
-    start: int
-    stop: int
-    r: int
-    n_seg: int
-    w: int
-    w_pad: int
-    group: torch.Tensor
-
-
-def _gather(x, p):
-    """``(B, N, H, D)`` -> the piece's sparse rows ``(B * S, H, L, D)`` (a view for r = 1)."""
-    return _sparse_rows(_pad_segments(x[:, p.start : p.stop], p.n_seg, p.w, p.w_pad), p.r, p.group)
-
-
-def _scatter_add_(dst, rows, p):
-    """In place: ``dst`` (B, N, H, D) += ``rows`` (B, S, L, H, D) at the piece's positions.
-    When ``r`` does not divide ``w`` the last ``w mod r`` positions of each segment (the
-    padded row) go through a zero buffer of ``r`` positions."""
-    b, _n, h, d = dst.shape
-    view = dst[:, p.start : p.stop].view(b, p.n_seg, p.w, h, d)
-    full = p.w // p.r
-    if full:
-        _add_rows_(view[:, :, : full * p.r], rows[:, :, :full], p.r, p.group)
-    if full * p.r != p.w:
-        tail = rows.new_zeros(b, p.n_seg, p.r, h, d)
-        _add_rows_(tail, rows[:, :, full:], p.r, p.group)
-        view[:, :, full * p.r :].add_(tail[:, :, : p.w - full * p.r])
-
-
-def _as_rows(t, p):
-    """``(B * S, H, L, D)`` kernel layout -> ``(B, S, L, H, D)`` (a view)."""
-    bs, h, rows, d = t.shape
-    return t.view(bs // p.n_seg, p.n_seg, h, rows, d).transpose(2, 3)
-
-
-class _GatherPieces(torch.autograd.Function):
-    """Sparse rows of every piece for each input: one gradient buffer per input in backward
-    (slicing, padding and ``diagonal`` per piece would each allocate a zero-filled gradient
-    of the whole input)."""
-
-    @staticmethod
-    def forward(ctx, pieces, *xs):
-        ctx.pieces, ctx.shapes = pieces, [x.shape for x in xs]
-        ctx.like = xs[0].new_empty(0)
-        return tuple(_gather(x, p) for p in pieces for x in xs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        k = len(ctx.shapes)
-        out = []
-        for j, shape in enumerate(ctx.shapes):
-            g = ctx.like.new_zeros(shape)
-            for i, p in enumerate(ctx.pieces):
-                if grads[i * k + j] is not None:
-                    _scatter_add_(g, _as_rows(grads[i * k + j], p), p)
-            out.append(g)
-        return (None, *out)
-
-
-class _AddRows(torch.autograd.Function):
-    """``result`` (B, N, H, D) += one piece's rows ``term`` (B, S, L, H, D), in place.
-
-    Autograd of an in-place add through a view clones the whole gradient of ``result``
-    (``CopySlices``) once per piece; here the gradient passes through unchanged and
-    ``term``'s gradient is read through the same strided view."""
-
-    @staticmethod
-    def forward(ctx, result, term, piece):
-        _scatter_add_(result, term, piece)
-        ctx.mark_dirty(result)
-        ctx.piece = piece
-        return result
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return grad, _as_rows(_gather(grad, ctx.piece), ctx.piece), None
-
-
-def _branch(qs, ks, vs, valid, p, exact_grad):
-    """One LongNet piece on its sparse rows ``(B * S, H, L, D)`` (see `_gather`).
-
-    ``valid`` is None (every token real) or the piece's bool ``(B|1, stop - start)`` key
-    mask. Returns ``out`` (B, S, L, H, D), ``lse`` (B, S, L, H) of the rows each head keeps,
-    and ``lse_full`` (B, S, L, r, H) for every position ``(s, l, t)`` of the padded piece:
-    ``-inf`` wherever the head does not cover it, at padded positions and at padding.
-    """
-    bs, h, rows, _d = qs.shape
-    b, r = bs // p.n_seg, p.r
-    key_valid = None
-    if valid is not None or p.w_pad != p.w:
-        if valid is None:
-            valid = torch.ones(1, p.stop - p.start, dtype=torch.bool, device=qs.device)
-        vb = valid.shape[0]
-        vp = _pad_segments(valid.to(torch.uint8), p.n_seg, p.w, p.w_pad)
-        key_valid = vp.view(vb, p.n_seg, rows, r).index_select(3, p.group).bool()  # (B|1,S,L,H)
-        mask = key_valid.permute(0, 1, 3, 2).unsqueeze(3)  # (B|1, S, H, 1, L)
-        mask = mask.expand(b, p.n_seg, h, 1, rows).reshape(bs, h, 1, rows)
-    else:
-        mask = None
-    out, lse = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
-    out = _as_rows(out, p)
-    lse = lse.view(b, p.n_seg, h, rows).permute(0, 1, 3, 2)
-    if key_valid is not None:
-        lse = lse.masked_fill(~key_valid, float("-inf"))
-    if r > 1:
-        covers = torch.arange(r, device=qs.device)[:, None] == p.group[None, :]  # (r, H)
-        lse_full = torch.where(covers, lse.unsqueeze(3), float("-inf"))
-    else:
-        lse_full = lse.unsqueeze(3)
-    return out, lse, lse_full
-
-
-def _add_rows_(dst, src, r, group):
-    """In place: ``dst`` (B, S, L * r, H, D), a view of the result, += ``src``
-    (B, S, L, H, D) at each head's offset: the inverse of `_sparse_rows`, touching 1/r of
-    ``dst`` through a strided view (``index_add_`` when the heads do not split evenly)."""
-    b, s, wp, h, d = dst.shape
-    rows = wp // r
-    if r == 1:
-        dst.add_(src)
-    elif h % r == 0:
-        diag = dst.view(b, s, rows, r, r, h // r, d).diagonal(dim1=3, dim2=4)  # (B,S,L,H/r,D,r)
-        diag.add_(src.reshape(b, s, rows, r, h // r, d).permute(0, 1, 2, 4, 5, 3))
-    else:
-        index = group * h + torch.arange(h, device=dst.device)
-        dst.view(b, s, rows, r * h, d).index_add_(3, index, src)
-
-
 def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
     """Split one branch into ``(start, stop, segment)`` pieces: the whole segments (views,
     no padding) and the partial last segment, run as one segment of its own length."""
@@ -311,50 +142,211 @@ def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
+class _Plan(NamedTuple):
+    """Precomputed indices of every branch of one ``(B, N, H, segments, dilations)``.
+
+    Rows: every (segment, head, kept offset) of every piece of every branch, grouped by
+    their segment length ``L`` (pieces of different branches with the same ``L`` share one
+    attention call; a class whose work is small is padded into the next longer one, see
+    ``MERGE_FRACTION``), in the order ``(class, b, segment, head, l)`` so that each class
+    is a contiguous ``(B * S, H, L, D)`` block of the gathered rows; ``R`` rows in all.
+    Padding rows (segment ends, merged classes) read position 0, are masked as keys, and
+    add zero-weighted into position 0.
+    """
+
+    classes: tuple  # ((L, S, start_row, all_valid), ...)
+    gather: torch.Tensor  # (R,) flat (b, position, head) index each row reads / adds into
+    tokens: torch.Tensor  # (R,) flat (b, position) of each row (padding lookup)
+    valid: torch.Tensor  # (R,) bool: the row is a real position
+    invalid: torch.Tensor | None  # (R,) ~valid, None when every row is real
+    rows_of: torch.Tensor  # (B * N * H * nb,) row of (b, p, h) in branch i, or `sentinel`
+    sentinel: int  # an invalid row (its lse is -inf), or R: a -inf row is appended
+    covered: bool  # every (position, head) is seen by some branch
+    biases: dict  # dtype -> (R,) additive key bias of the padding rows (cached)
+
+
+_PLAN_CACHE: dict = {}
+# a class of rows is padded into the next longer one when that adds at most this fraction
+# of the call's attention FLOPs: one kernel call fewer for a few masked keys
+MERGE_FRACTION = 0.05
+
+
+def _merge_classes(per_class: dict, h: int) -> dict:
+    lengths = sorted(per_class)
+    cost = {L: sum(p.shape[0] for _, p, _ in per_class[L]) * h * L * L for L in lengths}
+    total = sum(cost.values())
+    merged = dict(per_class)
+    for small, big in zip(lengths[:-1], lengths[1:]):
+        n_seg = sum(p.shape[0] for _, p, _ in merged[small])
+        if n_seg * h * (big * big - small * small) > MERGE_FRACTION * total:
+            continue
+        pad = big - small
+        moved = [
+            (i, F.pad(p, (0, pad)), F.pad(o, (0, pad), value=False)) for i, p, o in merged[small]
+        ]
+        merged[big] = moved + merged[big]
+        del merged[small]
+        total += n_seg * h * (big * big - small * small)
+    return merged
+
+
+def _build_plan(b, n, h, segments, dilations, device) -> _Plan:
+    nb = len(segments)
+    per_class: dict[int, list] = {}  # L -> [(branch, pos (S, H, L), ok (S, H, L))]
+    for i, (seg, r) in enumerate(zip(segments, dilations)):
+        group = _head_group(h, r, "cpu")  # (H,)
+        for start, stop, piece_seg in _pieces(n, seg):
+            n_seg, w, w_pad = branch_layout(stop - start, h, piece_seg, r)
+            rows = w_pad // r
+            offset = group[None, :, None] + r * torch.arange(rows)[None, None, :]  # (1, H, L)
+            pos = start + torch.arange(n_seg)[:, None, None] * w + offset  # (S, H, L)
+            ok = (offset < w).expand(n_seg, h, rows)
+            per_class.setdefault(rows, []).append((i, pos.where(ok, 0), ok))
+    per_class = _merge_classes(per_class, h)
+    gathers, tokens, valids, classes = [], [], [], []
+    rows_of = torch.full((b, n, h, nb), -1, dtype=torch.long)
+    heads = torch.arange(h)[None, :, None]
+    start_row = 0
+    for rows in sorted(per_class):
+        parts = per_class[rows]
+        pos = torch.cat([p for _, p, _ in parts])  # (S, H, L)
+        ok = torch.cat([o for _, _, o in parts])
+        branch = torch.cat([torch.full((p.shape[0],), i) for i, p, _ in parts])  # (S,)
+        n_seg = pos.shape[0]
+        for bi in range(b):
+            flat = (bi * n + pos) * h + heads  # (S, H, L)
+            gathers.append(flat.flatten())
+            tokens.append((bi * n + pos).flatten())
+            valids.append(ok.flatten())
+            row_ids = start_row + bi * n_seg * h * rows + torch.arange(n_seg * h * rows)
+            sel = ok.flatten()
+            br = branch[:, None, None].expand(n_seg, h, rows).flatten()[sel]
+            rows_of.view(b * n * h, nb)[flat.flatten()[sel], br] = row_ids[sel]
+        classes.append((rows, n_seg, start_row, bool(ok.all())))
+        start_row += b * n_seg * h * rows
+    covered = bool((rows_of >= 0).any(-1).all())
+    valid = torch.cat(valids)
+    bad = (~valid).nonzero()
+    sentinel = int(bad[0]) if len(bad) else start_row
+    rows_of = rows_of.where(rows_of >= 0, sentinel)
+    return _Plan(
+        tuple(classes),
+        torch.cat(gathers).to(device),
+        torch.cat(tokens).to(device),
+        valid.to(device),
+        None if valid.all() else (~valid).to(device),
+        rows_of.flatten().to(device),
+        sentinel,
+        covered,
+        {},
+    )
+
+
+def _plan(b, n, h, segments, dilations, device) -> _Plan:
+    key = (b, n, h, tuple(segments), tuple(dilations), str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        if len(_PLAN_CACHE) >= 64:
+            _PLAN_CACHE.clear()
+        plan = _PLAN_CACHE[key] = _build_plan(b, n, h, segments, dilations, device)
+    return plan
+
+
+def _key_masks(plan, b, h, padding_mask, dtype, device):
+    """Per class: the key mask of its rows, as the packed kernels take it (an additive
+    float bias on the CPU, bool elsewhere) or None when every key is real."""
+    cpu = device.type == "cpu"
+    ok = plan.valid
+    if padding_mask is not None:
+        ok = ok & (~padding_mask).flatten().index_select(0, plan.tokens)
+        flat = torch.where(ok, 0.0, MASK_VALUE).to(dtype) if cpu else ok
+    elif cpu:
+        flat = plan.biases.get(dtype)
+        if flat is None:
+            flat = plan.biases[dtype] = torch.where(ok, 0.0, MASK_VALUE).to(dtype)
+    else:
+        flat = ok
+    masks = []
+    for rows, n_seg, start, all_valid in plan.classes:
+        if padding_mask is None and all_valid:
+            masks.append(None)
+            continue
+        size = b * n_seg * h * rows
+        masks.append(flat[start : start + size].view(b * n_seg, h, 1, rows))
+    return masks
+
+
 def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_grad=True):
-    """LongNet dilated attention over ``(B, N, H, D)`` tensors; returns ``(B, N, H, D)``.
+    """LongNet dilated attention over ``(B, N, H, D)`` tensors; returns ``(B, N, H, D)``
+    (see :func:`dilated_attention_qkv`)."""
+    segments, dilations = validate_branches(segments, dilations)
+    if len(segments) == 1 and dilations[0] == 1 and segments[0] >= q.shape[1]:
+        return dense_attention(q, k, v, padding_mask)
+    return dilated_attention_qkv(
+        torch.stack([q, k, v], dim=3), segments, dilations, padding_mask, exact_grad
+    )
+
+
+def dilated_attention_qkv(qkv, segments, dilations, padding_mask=None, exact_grad=True):
+    """LongNet dilated attention over one ``(B, N, H, 3, D)`` tensor of q, k, v (a fused
+    projection's output); returns ``(B, N, H, D)``.
 
     ``exact_grad=True`` back-propagates through the branch weights (the LSE); the
     published code treats them as constants, which ``exact_grad=False`` reproduces.
-    Each branch runs on its whole segments (views of the sequence) and, apart, on the
-    partial last segment (padded to a multiple of ``r``, masked); sparse segments are
-    strided views, and each branch's weighted rows are added into the result through the
-    same views: no scatter and no full-size intermediate per branch.
+    A fixed handful of kernels per call, whatever the number of branches and segments:
+    one gather of the sparse rows of q, k and v for every branch (precomputed indices,
+    cached per shape); one attention call with LSE per distinct segment length; one
+    gather-logsumexp for the branch weights and one ``index_add`` of the weighted rows.
+    Each branch runs on its whole segments and, apart, on the partial last segment (its
+    own, shorter length); segment padding and padded slides are masked, so no padded key
+    receives softmax mass. ``q``, ``k``, ``v`` may be views of one fused projection.
     """
     segments, dilations = validate_branches(segments, dilations)
-    b, n, h, d = q.shape
+    b, n, h, _three, d = qkv.shape
     if padding_mask is not None and not bool(padding_mask.any()):
         padding_mask = None
     if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
-        return dense_attention(q, k, v, padding_mask)
+        return dense_attention(*qkv.unbind(3), padding_mask)
     if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
+        q, k, v = qkv.unbind(3)
         return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
-    pieces = []  # every piece of every branch; a branch's pieces are consecutive
-    for seg, r in zip(segments, dilations):
-        group = _head_group(h, r, q.device)
-        for start, stop, piece_seg in _pieces(n, seg):
-            n_seg, w, w_pad = branch_layout(stop - start, h, piece_seg, r)
-            pieces.append(_Piece(start, stop, r, n_seg, w, w_pad, group))
-    rows = _GatherPieces.apply(pieces, q, k, v)
-    valid = None if padding_mask is None else ~padding_mask
-    parts = []  # (out, lse, lse_full) per piece
-    for i, p in enumerate(pieces):
-        pv = None if valid is None else valid[:, p.start : p.stop]
-        parts.append(_branch(*rows[3 * i : 3 * i + 3], pv, p, exact_grad))
-    # per position and head: log of the summed softmax denominators over branches, (B, N, H)
-    per_branch, run = [], []
-    for p, (_out, _lse, lse_full) in zip(pieces, parts):
-        run.append(_unpad_segments(lse_full.flatten(2, 3), p.stop - p.start, p.w))
-        if p.stop == n:
-            per_branch.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
-            run = []
-    log_z = torch.logsumexp(torch.stack(per_branch), dim=0)
-    log_z = torch.where(log_z.isfinite(), log_z, torch.zeros_like(log_z))
-    result = q.new_zeros(b, n, h, d, dtype=parts[0][0].dtype)
-    for p, (out, lse, _lse_full) in zip(pieces, parts):
-        z = _as_rows(_gather(log_z.unsqueeze(-1), p), p).squeeze(-1)  # log_z at the rows
-        weight = torch.exp(lse - z)  # (B, S, L, H): 0 at padded rows and at padding
-        result = _AddRows.apply(result, out * weight.unsqueeze(-1).to(out.dtype), p)
+    plan = _plan(b, n, h, segments, dilations, qkv.device)
+    rows = qkv.reshape(b * n * h, 3, d).index_select(0, plan.gather)  # (R, 3, D)
+    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    if packed_attention_available(qkv.device, needs_grad, exact_grad):
+        masks = _key_masks(plan, b, h, padding_mask, qkv.dtype, qkv.device)
+        blocks = [
+            (start, b * n_seg, h, rows, mask)
+            for (rows, n_seg, start, _), mask in zip(plan.classes, masks)
+        ]
+        rows_out, lse = packed_attention_with_lse(rows, blocks, exact_grad)
+    else:  # one call per class through the general path (manual, surrogate, fallback)
+        ok = plan.valid
+        if padding_mask is not None:
+            ok = ok & (~padding_mask).flatten().index_select(0, plan.tokens)
+        outs, lses = [], []
+        for n_rows, n_seg, start, _ in plan.classes:
+            size = b * n_seg * h * n_rows
+            qs, ks, vs = (rows[start : start + size, j].view(-1, h, n_rows, d) for j in range(3))
+            mask = ok[start : start + size].view(b * n_seg, h, 1, n_rows)
+            out, lse_c = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
+            outs.append(out.reshape(size, d))
+            lses.append(lse_c.reshape(size))
+        rows_out, lse = torch.cat(outs), torch.cat(lses)
+    if plan.invalid is not None:
+        lse = lse.masked_fill(plan.invalid, float("-inf"))
+    table = lse
+    if plan.sentinel == lse.shape[0]:  # every row is real: append a -inf row
+        table = torch.cat([lse, lse.new_full((1,), float("-inf"))])
+    nb = len(segments)
+    log_z = torch.logsumexp(table.index_select(0, plan.rows_of).view(b * n * h, nb), dim=1)
+    if not plan.covered:
+        log_z = log_z.masked_fill(log_z.isneginf(), 0.0)
+    weight = torch.exp(lse - log_z.index_select(0, plan.gather))  # (R,), 0 at padding rows
+    if weight.dtype != rows_out.dtype:
+        weight = weight.to(rows_out.dtype)
+    result = rows_out.new_zeros(b * n * h, d).index_add(0, plan.gather, rows_out * weight[:, None])
+    result = result.view(b, n, h, d)
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)
     return result

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidessl.models.alibi import alibi_attention, alibi_slopes
-from slidessl.models.attention import dense_attention, dilated_attention
+from slidessl.models.attention import dense_attention, dilated_attention_qkv
 from slidessl.models.local_attention import NeighbourhoodAttention
 
 __all__ = ["DropPath", "SelfAttention", "FeedForward", "Block"]
@@ -69,22 +69,37 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = nn.LayerNorm(dim, eps=eps) if subln else None
 
-    def forward(self, x, padding_mask=None, coords=None):
+    def qkv(self, x) -> torch.Tensor:
+        """One GEMM for q, k and v: ``(B, N, H, 3, D)``, the three projections' weights
+        interleaved per head (the parameters keep torchscale's q/k/v_proj names)."""
         b, n, e = x.shape
         h = self.num_heads
-        q = self.q_proj(x).view(b, n, h, e // h)
-        k = self.k_proj(x).view(b, n, h, e // h)
-        v = self.v_proj(x).view(b, n, h, e // h)
+        w = torch.stack(
+            [m.weight.view(h, e // h, e) for m in (self.q_proj, self.k_proj, self.v_proj)], 1
+        )
+        bias = torch.stack(
+            [m.bias.view(h, e // h) for m in (self.q_proj, self.k_proj, self.v_proj)], 1
+        )
+        return F.linear(x, w.view(3 * e, e), bias.view(3 * e)).view(b, n, h, 3, e // h)
+
+    def forward(self, x, padding_mask=None, coords=None):
+        b, n, e = x.shape
+        qkv = self.qkv(x)
+        if self.segments is not None and not self.alibi:
+            out = dilated_attention_qkv(
+                qkv, self.segments, self.dilations, padding_mask, exact_grad=self.exact_grad
+            )
+            out = out.reshape(b, n, e)
+            if self.inner_attn_ln is not None:
+                out = self.inner_attn_ln(out)
+            return self.out_proj(out)
+        q, k, v = qkv.unbind(3)
         if self.alibi:
             if coords is None:
                 raise ValueError("2-D ALiBi attention needs the tokens' grid coordinates")
             out = alibi_attention(q, k, v, coords, self.slopes, padding_mask)
-        elif self.segments is None:
-            out = dense_attention(q, k, v, padding_mask)
         else:
-            out = dilated_attention(
-                q, k, v, self.segments, self.dilations, padding_mask, exact_grad=self.exact_grad
-            )
+            out = dense_attention(q, k, v, padding_mask)
         out = out.reshape(b, n, e)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -102,10 +117,13 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        x = F.gelu(self.fc1(x).float()).type_as(x)
+        y = F.gelu(self.fc1(x).float())  # GELU in float32, as torchscale
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.ffn_layernorm is not None:
-            x = self.ffn_layernorm(x)
-        return self.dropout(self.fc2(x))
+            y = self.ffn_layernorm(y)
+        y = self.fc2(y)
+        return self.dropout(y) if self.dropout.p > 0 else y
 
 
 class Block(nn.Module):
@@ -153,7 +171,9 @@ class Block(nn.Module):
             y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, neighbours, coords)
         else:
             y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, coords)
-        x = x + self.drop_path(self.dropout(y))
+        if self.dropout.p > 0:
+            y = self.dropout(y)
+        x = x + self.drop_path(y)
         x = x + self.drop_path(self.ffn(self.final_layer_norm(x)))
         return x
 

@@ -37,16 +37,19 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "MASK_VALUE",
     "attention_with_lse",
     "get_backend",
     "get_lse_grad",
     "lse_grad_mode",
+    "packed_attention_available",
+    "packed_attention_with_lse",
     "private_kernels_ok",
     "set_backend",
     "set_lse_grad",
 ]
 
-_MASK_VALUE = -1.0e4  # large enough that exp underflows to 0, finite in fp16/bf16
+MASK_VALUE = _MASK_VALUE = -1.0e4  # exp underflows to 0; finite in fp16/bf16
 _BACKEND = {"name": os.environ.get("SLIDESSL_LSE_BACKEND", "auto")}
 _LSE_GRAD = {"name": os.environ.get("SLIDESSL_LSE_GRAD", "auto")}
 _LSE_GRAD_MODES = ("auto", "kernel", "surrogate")
@@ -216,15 +219,129 @@ class _KernelLse(torch.autograd.Function):
                 out_c = out - (shift.unsqueeze(-1) * d_out.to(acc)).to(out.dtype)
                 dq, dk, dv = _kernel_backward(d_out, q, k, v, bias, out_c, lse, aux, scale)
                 return dq, dk, dv, None, None
-        # exact everywhere: extra zero head dims (8 for the CUDA kernels' alignment); the
-        # first carries dO = 1 and O = -g, so D_q = dO_q . O_q - g_q; scores are unchanged
-        d = q.shape[-1]
-        extra = 1 if q.device.type == "cpu" else 8
-        q2, k2, v2, o2, do2 = (F.pad(t, (0, extra)) for t in (q, k, v, out, d_out))
-        o2[..., d] = -g.to(out.dtype)
-        do2[..., d] = 1.0
-        dq, dk, dv = _kernel_backward(do2, q2, k2, v2, bias, o2, lse, aux, scale)
-        return dq[..., :d], dk[..., :d], dv[..., :d], None, None
+        dq, dk, dv = _extra_dim_backward(d_out, q, k, v, bias, out, lse, aux, scale, g)
+        return dq, dk, dv, None, None
+
+
+def _extra_dim_backward(d_out, q, k, v, bias, out, lse, aux, scale, g):
+    """Exact everywhere: extra zero head dims (8 for the CUDA kernels' alignment); the first
+    carries dO = 1 and O = -g, so D_q = dO_q . O_q - g_q; scores are unchanged."""
+    d = q.shape[-1]
+    extra = 1 if q.device.type == "cpu" else 8
+    q2, k2, v2, o2, do2 = (F.pad(t, (0, extra)) for t in (q, k, v, out, d_out))
+    o2[..., d] = -g.to(out.dtype)
+    do2[..., d] = 1.0
+    dq, dk, dv = _kernel_backward(do2, q2, k2, v2, bias, o2, lse, aux, scale)
+    return dq[..., :d], dk[..., :d], dv[..., :d]
+
+
+class _PackedKernelLse(torch.autograd.Function):
+    """Attention with exact LSE gradients on several blocks of packed rows at once:
+    ``qkv`` (R, 3, D) holds the rows of every block back to back; block ``i`` is
+    ``(start, batch, heads, rows, bias)``. Forward: one fused kernel call per block;
+    returns ``out`` (R, D) and ``lse`` (R,). Backward: the LSE correction of the module
+    docstring on all R rows at once, then one fused backward call per block and one
+    (R, 3, D) gradient. Where a row's ``|dO|^2 < 1e-30`` its LSE term is dropped: in the
+    branch combine of dilated attention ``|dL/dlse| <= |dO| |o - result|``, so the term
+    dropped there is below 1e-15 of the output scale (no host sync for a check).)"""
+
+    @staticmethod
+    def forward(ctx, qkv, blocks, scale):
+        d = qkv.shape[-1]
+        outs, lses, raws, auxes = [], [], [], []
+        for start, bs, h, rows, bias in blocks:
+            size = bs * h * rows
+            q, k, v = (_rows(qkv, start, size, j, bs, h, rows, d) for j in range(3))
+            out, lse, aux = _kernel_forward(q, k, v, bias, scale)
+            outs.append(out.reshape(size, d))
+            lses.append(lse[..., :rows].reshape(size))
+            raws.append(lse)
+            auxes.append(aux)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        lse = torch.cat(lses) if len(lses) > 1 else lses[0]
+        ctx.save_for_backward(qkv, out, *raws)
+        ctx.blocks, ctx.auxes, ctx.scale = blocks, auxes, scale
+        acc = _acc(qkv.dtype)
+        return out, lse if lse.dtype == acc else lse.to(acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        qkv, out, *raws = ctx.saved_tensors
+        d = qkv.shape[-1]
+        cpu = qkv.device.type == "cpu"
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        elif not cpu:
+            d_out = d_out.contiguous()
+        out_c, g = out, None
+        if d_lse is not None:
+            acc = _acc(qkv.dtype)
+            g = d_lse if d_lse.dtype == acc else d_lse.to(acc)
+            if cpu:
+                d_acc = d_out if d_out.dtype == acc else d_out.to(acc)
+                norm2 = d_acc.square().sum(-1)
+                shift = torch.where(norm2 > 1e-30, g / norm2.clamp_min(1e-30), 0.0)
+                out_c = out - (shift.unsqueeze(-1) * d_acc).to(out.dtype)
+                g = None
+        grads = ([], [], [])
+        for (start, bs, h, rows, bias), lse, aux in zip(ctx.blocks, raws, ctx.auxes):
+            size = bs * h * rows
+            sl = slice(start, start + size)
+            q, k, v = (_rows(qkv, start, size, j, bs, h, rows, d) for j in range(3))
+            do = d_out[sl].view(bs, h, rows, d)
+            if g is None:
+                o = out_c[sl].view(bs, h, rows, d)
+                dq, dk, dv = _kernel_backward(do, q, k, v, bias, o, lse, aux, ctx.scale)
+            else:
+                o = out[sl].view(bs, h, rows, d)
+                gb = g[sl].view(bs, h, rows)
+                dq, dk, dv = _extra_dim_backward(do, q, k, v, bias, o, lse, aux, ctx.scale, gb)
+            for acc_list, t in zip(grads, (dq, dk, dv)):
+                acc_list.append(t.reshape(size, d))
+        d_qkv = torch.stack([torch.cat(t) if len(t) > 1 else t[0] for t in grads], dim=1)
+        return d_qkv, None, None
+
+
+def _rows(qkv, start, size, j, bs, h, rows, d):
+    """Block rows of q (j = 0), k or v as ``(bs, H, L, D)``: a strided view on the CPU
+    (its kernels read strides), contiguous on CUDA."""
+    t = qkv[start : start + size, j].view(bs, h, rows, d)
+    return t if qkv.device.type == "cpu" else t.contiguous()
+
+
+def packed_attention_available(device, needs_grad: bool, exact_grad: bool) -> bool:
+    """Whether :func:`packed_attention_with_lse` can run here (fused kernels working, the
+    ``kernel`` LSE-gradient mode or no exact gradient needed, default backend)."""
+    device = torch.device(device)
+    if _BACKEND["name"] == "manual" or device.type not in ("cpu", "cuda"):
+        return False
+    if not private_kernels_ok(device.type):
+        return False
+    return not (needs_grad and exact_grad and lse_grad_mode(device) != "kernel")
+
+
+def _is_bool(mask) -> bool:
+    return mask is not None and mask.dtype == torch.bool
+
+
+def packed_attention_with_lse(qkv, blocks, exact_grad=True):
+    """``(out (R, D), lse (R,))`` of attention inside each block of packed rows (see
+    ``_PackedKernelLse``); block ``i`` is ``(start, batch, heads, rows, mask)``, ``mask`` a
+    ``(batch, heads, 1, rows)`` bool key mask (True = attend), an additive float bias of the
+    same shape (``MASK_VALUE`` = masked), or None. ``exact_grad=False``: the LSE is a
+    constant in backward (as torchscale)."""
+    d = qkv.shape[-1]
+    scale = d**-0.5
+    if not qkv.is_contiguous():
+        qkv = qkv.contiguous()
+    pad_to = 1 if qkv.device.type == "cpu" else 16
+    kernel_blocks = [
+        (start, bs, h, rows, _bias(mask, qkv.dtype, rows, pad_to) if _is_bool(mask) else mask)
+        for start, bs, h, rows, mask in blocks
+    ]
+    out, lse = _PackedKernelLse.apply(qkv, kernel_blocks, scale)
+    return out, lse if exact_grad else lse.detach()
 
 
 def _check_private(device_type: str) -> None:
