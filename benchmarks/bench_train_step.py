@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from slidessl.data.synthetic import make_cohort
+    from slidessl.ssl.meta import SSLMetaArch
     from slidessl.train.config import load_config
     from slidessl.train.data import CropDataset, build_multicrop, build_slide_dataset, make_loader
     from slidessl.train.distributed import SlideShardSampler
-    from slidessl.train.loop import _build_arch
     from slidessl.train.optim import build_optimizer
     from slidessl.train.schedules import build_schedules
     from slidessl.train.step import optimizer_step
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     slides = build_slide_dataset(cfg)
     crops = CropDataset(slides, build_multicrop(cfg["crops"]), 0)
     sampler = SlideShardSampler(len(crops), args.batch, shuffle=False)
-    arch = _build_arch(cfg, slides.feature_dim).to(device).train()
+    arch = SSLMetaArch.from_config(cfg, slides.feature_dim).to(device).train()
     opt = build_optimizer(arch.student, cfg)
     sched = build_schedules(cfg, sampler.steps_per_epoch, args.batch).at(10)
     loader = iter(make_loader(crops, sampler, cfg, 0, 0, device))

@@ -155,6 +155,33 @@ class SSLMetaArch(nn.Module):
         # the trainer last took them (collapse monitors)
         self.monitor_rows: list[dict[str, torch.Tensor]] = []
 
+    @classmethod
+    def from_config(cls, cfg: dict, feature_dim: int) -> SSLMetaArch:
+        """The meta-architecture of ``cfg``; the encoder's ``in_dim`` follows the data's
+        feature dimension (a conflicting ``model.overrides.in_dim`` is an error)."""
+        from slidessl.models.encoder import build_encoder
+
+        overrides = dict(cfg["model"]["overrides"])
+        if "in_dim" in overrides and int(overrides["in_dim"]) != feature_dim:
+            raise ValueError(
+                f"model.overrides.in_dim={overrides['in_dim']} but the slides in "
+                f"{cfg['data']['manifest']} have {feature_dim}-dimensional features"
+            )
+        overrides["in_dim"] = feature_dim
+        return cls(cfg, backbone=build_encoder(cfg["model"]["name"], **overrides))
+
+    def take_monitor_rows(self) -> list[dict[str, torch.Tensor]]:
+        """The teacher outputs (global crop 0, one row per slide) of every ``compute_loss``
+        since the last call, handed over and cleared (for the collapse monitors)."""
+        rows, self.monitor_rows = self.monitor_rows, []
+        return rows
+
+    def discard_pending_centers(self) -> None:
+        """Forget the centre sums of a skipped (non-finite) step."""
+        for loss in (self.dino_loss, self.ibot_loss):
+            if loss is not None:
+                loss.discard_pending()
+
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)

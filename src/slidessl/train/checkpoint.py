@@ -22,10 +22,12 @@ from slidessl.atomic import atomic_write
 
 __all__ = [
     "capture_rng_state",
+    "capture_train_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "restore_rng_state",
+    "restore_train_state",
     "save_checkpoint",
     "worker_seed",
 ]
@@ -93,4 +95,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: not a readable slidessl checkpoint ({exc})") from exc
     if not isinstance(state, dict) or "student" not in state or "step" not in state:
         raise ValueError(f"{path}: not a slidessl training checkpoint (missing student/step)")
+    return state
+
+
+def capture_train_state(
+    *, arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg
+) -> dict:
+    """Everything a resumed run needs to continue exactly: student, teacher, centres,
+    optimizer, scaler, step / epoch / position in the data, RNG states, NaN guard,
+    collapse monitor, run statistics, the encoder and run configs."""
+    return {
+        "format": "slidessl-train-1",
+        "student": arch.student.state_dict(),
+        "teacher": arch.teacher.state_dict(),
+        "centers": {k: v.detach().cpu().clone() for k, v in arch.centers().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "sampler": sampler.state_dict(),
+        "data_seed": int(cfg["seed"]),
+        "global_batch": sampler.global_batch,
+        "rng": capture_rng_state(),
+        "nan_guard": guard.state_dict(),
+        "monitor": monitor.state_dict(),
+        "stats": stats.state_dict(),
+        "encoder_config": dict(getattr(arch.teacher["backbone"], "config", {}) or {}),
+        "config": cfg,
+    }
+
+
+def restore_train_state(path, device, *, arch, optimizer, scaler, guard, monitor, stats) -> dict:
+    """Load ``path`` into the given parts (the inverse of :func:`capture_train_state`);
+    returns the state dict for the loop's own fields (step, sampler, global batch)."""
+    state = load_checkpoint(path, map_location=device)
+    arch.student.load_state_dict(state["student"])
+    arch.teacher.load_state_dict(state["teacher"])
+    for key, center in arch.centers().items():
+        center.copy_(state["centers"][key].to(center.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state["nan_guard"])
+    monitor.load_state_dict(state["monitor"])
+    stats.load_state_dict(state["stats"])
+    restore_rng_state(state["rng"])
     return state

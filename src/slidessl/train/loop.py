@@ -46,43 +46,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _state(arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg) -> dict:
-    return {
-        "format": "slidessl-train-1",
-        "student": arch.student.state_dict(),
-        "teacher": arch.teacher.state_dict(),
-        "centers": {k: v.detach().cpu().clone() for k, v in arch.centers().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "sampler": sampler.state_dict(),
-        "data_seed": int(cfg["seed"]),
-        "global_batch": sampler.global_batch,
-        "rng": ckpt_io.capture_rng_state(),
-        "nan_guard": guard.state_dict(),
-        "monitor": monitor.state_dict(),
-        "stats": stats.state_dict(),
-        "encoder_config": dict(getattr(arch.teacher["backbone"], "config", {}) or {}),
-        "config": cfg,
-    }
-
-
-def _restore(path: Path, arch, optimizer, scaler, guard, monitor, stats, device) -> dict:
-    state = ckpt_io.load_checkpoint(path, map_location=device)
-    arch.student.load_state_dict(state["student"])
-    arch.teacher.load_state_dict(state["teacher"])
-    for key, center in arch.centers().items():
-        center.copy_(state["centers"][key].to(center.device))
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    guard.load_state_dict(state["nan_guard"])
-    monitor.load_state_dict(state["monitor"])
-    stats.load_state_dict(state["stats"])
-    ckpt_io.restore_rng_state(state["rng"])
-    return state
-
-
 def pretrain(cfg: dict, resume: bool = False) -> Path:
     """Train with ``cfg`` (from :func:`slidessl.train.config.load_config`); return the run folder.
 
@@ -148,7 +111,16 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
         latest = ckpt_io.latest_checkpoint(ckpt_dir)
         if latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        state = _restore(latest, arch, optimizer, scaler, guard, monitor, stats, device)
+        state = ckpt_io.restore_train_state(
+            latest,
+            device,
+            arch=arch,
+            optimizer=optimizer,
+            scaler=scaler,
+            guard=guard,
+            monitor=monitor,
+            stats=stats,
+        )
         step = int(state["step"])
         saved = state.get("sampler", {})
         if state.get("global_batch", global_batch) != global_batch:
@@ -217,7 +189,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if not res["finite"]:
                     guard.record(step, res.get("loss", float("nan")))
                 step += 1
-                window.add(arch.monitor_rows)
+                window.add(arch.take_monitor_rows())
                 if ctx.is_main and (step % log_every == 0 or step == stop_at):
                     timing = (t_data, step_time)
                     row = _log_row(step, epoch, res, sched, timing, arch, monitor, window)
@@ -233,17 +205,17 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if (ctx.is_main or fsdp) and (
                     ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
                 ):
-                    state = _state(
-                        arch,
-                        optimizer,
-                        scaler,
-                        step,
-                        step // steps_per_epoch,
-                        sampler,
-                        guard,
-                        monitor,
-                        stats,
-                        cfg,
+                    state = ckpt_io.capture_train_state(
+                        arch=arch,
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        step=step,
+                        epoch=step // steps_per_epoch,
+                        sampler=sampler,
+                        guard=guard,
+                        monitor=monitor,
+                        stats=stats,
+                        cfg=cfg,
                     )
                     ckpt_io.save_checkpoint(state, ckpt_dir, step, keep)
             del batches, loader
@@ -267,18 +239,9 @@ def _feature_dim(slides) -> int:
 
 
 def _build_arch(cfg: dict, feature_dim: int):
-    """The meta-architecture; the encoder's ``in_dim`` follows the data's feature dimension."""
-    from slidessl.models.encoder import build_encoder
     from slidessl.ssl.meta import SSLMetaArch
 
-    overrides = dict(cfg["model"]["overrides"])
-    if "in_dim" in overrides and int(overrides["in_dim"]) != feature_dim:
-        raise ValueError(
-            f"model.overrides.in_dim={overrides['in_dim']} but the slides in "
-            f"{cfg['data']['manifest']} have {feature_dim}-dimensional features"
-        )
-    overrides["in_dim"] = feature_dim
-    return SSLMetaArch(cfg, backbone=build_encoder(cfg["model"]["name"], **overrides))
+    return SSLMetaArch.from_config(cfg, feature_dim)
 
 
 def _progress(t: dict, ctx, total: int, initial: int):

@@ -55,12 +55,6 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
     return norm
 
 
-def _discard_pending_centers(arch: nn.Module) -> None:
-    for loss in (arch.dino_loss, arch.ibot_loss):
-        if loss is not None:
-            loss.discard_pending()
-
-
 def optimizer_step(
     model: nn.Module,
     arch: nn.Module,
@@ -111,7 +105,7 @@ def optimizer_step(
 
     if not finite:
         optimizer.zero_grad(set_to_none=True)
-        _discard_pending_centers(arch)
+        arch.discard_pending_centers()
         out["finite"] = 0.0
         out["grad_norm"] = float("nan")
         return out
