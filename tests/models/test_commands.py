@@ -91,7 +91,7 @@ def test_bench_defaults_depend_on_the_device():
     args = argparse.Namespace(n=None, mem_n=None)
     commands._default(args, "n", "encoder_n", "cpu")
     commands._default(args, "mem_n", "encoder_mem_n", "cuda:0")
-    assert args.n == [1024, 4096] and args.mem_n == [4096, 8192, 16384, 32768]
+    assert args.n == [1024, 2048] and args.mem_n == [4096, 8192, 16384, 32768]
     args = argparse.Namespace(n=[64])
     commands._default(args, "n", "attention_n", "cpu")
     assert args.n == [64]

@@ -12,8 +12,8 @@ def _ints(text):
 DEFAULTS = {
     "attention_n": {"cpu": [1024, 4096, 16384], "cuda": [1024, 4096, 8192, 16384, 32768]},
     "attention_repeats": {"cpu": 1, "cuda": 2},
-    "encoder_n": {"cpu": [1024, 4096], "cuda": [2048, 8192]},
-    "encoder_mem_n": {"cpu": [2048], "cuda": [4096, 8192, 16384, 32768]},
+    "encoder_n": {"cpu": [1024, 2048], "cuda": [2048, 8192]},
+    "encoder_mem_n": {"cpu": [1024], "cuda": [4096, 8192, 16384, 32768]},
 }
 
 
@@ -57,13 +57,13 @@ def register(subparsers) -> None:
     enc = sub.add_parser("encoder", help="forward+backward throughput, utilisation, memory")
     enc.add_argument("--preset", default="gigapath")
     enc.add_argument(
-        "--n", type=_ints, default=None, help="default: 1024,4096 on CPU, 2048,8192 on CUDA"
+        "--n", type=_ints, default=None, help="default: 1024,2048 on CPU, 2048,8192 on CUDA"
     )
     enc.add_argument(
         "--mem-n",
         type=_ints,
         default=None,
-        help="lengths for the checkpointed memory table (default: 2048 on CPU, "
+        help="lengths for the checkpointed memory table (default: 1024 on CPU, "
         "4096,...,32768 on CUDA)",
     )
     enc.add_argument("--repeats", type=int, default=1)
