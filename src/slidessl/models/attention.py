@@ -252,13 +252,19 @@ def _plan(b, n, h, segments, dilations, device) -> _Plan:
     return plan
 
 
+def _row_ok(plan, padding_mask):
+    """(R,) bool: the row is a real position of a real (non-padding) token."""
+    if padding_mask is None:
+        return plan.valid
+    return plan.valid & (~padding_mask).flatten().index_select(0, plan.tokens)
+
+
 def _key_masks(plan, b, h, padding_mask, dtype, device):
     """Per class: the key mask of its rows, as the packed kernels take it (an additive
     float bias on the CPU, bool elsewhere) or None when every key is real."""
     cpu = device.type == "cpu"
-    ok = plan.valid
+    ok = _row_ok(plan, padding_mask)
     if padding_mask is not None:
-        ok = ok & (~padding_mask).flatten().index_select(0, plan.tokens)
         flat = torch.where(ok, 0.0, MASK_VALUE).to(dtype) if cpu else ok
     elif cpu:
         flat = plan.biases.get(dtype)
@@ -321,9 +327,7 @@ def dilated_attention_qkv(qkv, segments, dilations, padding_mask=None, exact_gra
         ]
         rows_out, lse = packed_attention_with_lse(rows, blocks, exact_grad)
     else:  # one call per class through the general path (manual, surrogate, fallback)
-        ok = plan.valid
-        if padding_mask is not None:
-            ok = ok & (~padding_mask).flatten().index_select(0, plan.tokens)
+        ok = _row_ok(plan, padding_mask)
         outs, lses = [], []
         for n_rows, n_seg, start, _ in plan.classes:
             size = b * n_seg * h * n_rows
