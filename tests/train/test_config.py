@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -77,3 +79,40 @@ def test_recipes_join_with_plus():
     assert "cpu.yaml" in cfg["_meta"]["recipe"] and "dinov2.yaml" in cfg["_meta"]["recipe"]
     with pytest.raises(ConfigError, match="nope"):
         load_config("dinov2+nope")
+
+
+def test_values_arrive_with_the_schema_types():
+    cfg = load_config("demo", ["train.epochs='3'", "optim.lr=1", "train.memory_budget_gb=4"])
+    assert cfg["train"]["epochs"] == 3 and isinstance(cfg["train"]["epochs"], int)
+    assert isinstance(cfg["optim"]["lr"], float) and cfg["optim"]["lr"] == 1.0
+    assert isinstance(cfg["train"]["memory_budget_gb"], float)
+    assert cfg["crops"]["n_global"] == 2 and "mask_min_block_tiles" in cfg["crops"]  # typed
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.epochs=abc", r"override 'train.epochs=abc'.*train.epochs.*Integer"),
+        ("train.grad_checkpointing=[1]", "train.grad_checkpointing"),
+        ("crops.n_lokal=3", "unknown config key 'crops.n_lokal'"),
+        ("optim.betas=0.9", "optim.betas"),
+        ("crops.n_global=0", "n_global"),
+    ],
+)
+def test_mistyped_values_are_one_error_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("demo", [override])
+
+
+def test_dumped_config_reloads_to_the_same_values(tmp_path):
+    from slidessl.train.config import dump_config
+
+    cfg = load_config("dinov2_grid", ["train.epochs=2"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    meta = again.pop("_meta")
+    assert meta["overrides"] == ["train.epochs=2"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(again))
+    reloaded = load_config(tmp_path / "run.yaml")
+    reloaded.pop("_meta"), cfg.pop("_meta")
+    assert json.loads(json.dumps(reloaded)) == json.loads(json.dumps(cfg))  # tuples as lists

@@ -1,9 +1,10 @@
 """Configuration: ``configs/default.yaml`` merged with a recipe, then dotted overrides.
 
-The layering follows facebookresearch/dinov2 (``ssl_default_config.yaml`` + a recipe +
-``key=value`` command-line options), written with plain dicts:
+The layering is facebookresearch/dinov2's (``ssl_default_config.yaml`` + a recipe +
+``key=value`` command-line options), with OmegaConf:
 
-1. ``default.yaml`` (shipped inside the package) defines every key and its default.
+1. :class:`slidessl.train.schema.PretrainConfig` types every section; ``default.yaml``
+   (shipped inside the package) gives every key its documented default.
 2. The recipe YAML (``dino.yaml``, ``dinov2.yaml``, ...) changes some of them. A recipe may
    name a parent recipe with ``base: other.yaml`` (resolved next to it), or several,
    ``base: [dinov2.yaml, cpu.yaml]``, applied in order; ``load_config("dinov2+cpu")`` does
@@ -11,19 +12,24 @@ The layering follows facebookresearch/dinov2 (``ssl_default_config.yaml`` + a re
 3. Overrides ``a.b.c=value`` from the command line; values are parsed as YAML, so
    ``train.epochs=3``, ``optim.betas=[0.9,0.95]`` and ``data.manifest=null`` all work.
 
-A key that does not exist in ``default.yaml`` is an error naming the key and the file it
-came from, so a typo never trains silently with a default. Sections whose default is an
-empty mapping (``model.overrides``, ``crops``) are free-form here and checked by the code
-that consumes them.
+The merged config is in struct mode: a key that the schema does not have, or a value that
+cannot take the key's type (``train.epochs=abc``), is one :class:`ConfigError` naming the
+key and the file or override it came from, so a typo never trains silently with a default.
+Only ``model.overrides`` (arguments of ``build_encoder``, checked there) is free-form.
+:func:`load_config` returns plain Python containers (dicts, lists, tuples) of checked types.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from slidessl.data.views import MultiCropConfig
+from slidessl.train.schema import FREE_FORM, PretrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -31,9 +37,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 __all__ = [
     "CONFIG_DIR",
     "ConfigError",
-    "apply_override",
+    "dump_config",
     "load_config",
-    "merge",
     "resolve_recipe",
 ]
 
@@ -70,52 +75,28 @@ def resolve_recipe(name: str | Path) -> Path:
     raise ConfigError(f"{name}: no such config file (shipped recipes: {', '.join(shipped)})")
 
 
-def _free_paths(cfg: dict, prefix: str = "") -> set[str]:
-    """Dotted paths whose default is an empty mapping: sections checked by their consumer."""
-    out = set()
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out |= {f"{prefix}{key}"} if not value else _free_paths(value, f"{prefix}{key}.")
-    return out
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(PretrainConfig)
+    OmegaConf.set_struct(cfg, True)
+    for dotted in FREE_FORM:
+        OmegaConf.set_struct(OmegaConf.select(cfg, dotted), False)
+    return cfg
 
 
-def merge(
-    base: dict, update: dict, *, source: str, prefix: str = "", free: set[str] | None = None
-) -> dict:
-    """Recursively merge ``update`` into a copy of ``base``; unknown keys are an error.
-
-    Sections listed in ``free`` (dotted paths; by default those that are empty mappings in
-    ``default.yaml``) accept any sub-keys.
-    """
-    if free is None:
-        free = _free_paths(_read_yaml(DEFAULT_CONFIG))
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if key not in out:
-            raise ConfigError(f"{source}: unknown config key '{dotted}'")
-        current = out[key]
-        section = isinstance(current, dict) and (current or dotted in free)
-        if section and isinstance(value, dict):
-            if dotted in free:
-                merged = copy.deepcopy(current)
-                merged.update(copy.deepcopy(value))
-                out[key] = merged
-            else:
-                out[key] = merge(current, value, source=source, prefix=f"{dotted}.", free=free)
-        elif section and value is not None:
-            raise ConfigError(
-                f"{source}: '{dotted}' is a section; expected a mapping, got {value!r}"
-            )
-        elif isinstance(value, dict) and current is not None and not isinstance(current, dict):
-            raise ConfigError(f"{source}: '{dotted}' is a value, not a section; got {value!r}")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def _merge(cfg: DictConfig, update: dict, source: str) -> DictConfig:
+    """Merge ``update`` into ``cfg``; any schema violation is a ConfigError naming the key."""
+    try:
+        return OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        if isinstance(exc, ConfigKeyError):
+            raise ConfigError(f"{source}: unknown config key '{key}'") from None
+        msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        raise ConfigError(f"{source}: config key '{key}': {msg}") from None
 
 
-def apply_override(cfg: dict, item: str) -> dict:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a copy of ``cfg``."""
+def _override(item: str) -> dict:
+    """``a.b.c=value`` (value parsed as YAML) -> ``{"a": {"b": {"c": value}}}``."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value, e.g. train.epochs=3")
     key, _, raw = item.partition("=")
@@ -129,7 +110,7 @@ def apply_override(cfg: dict, item: str) -> dict:
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
-    return merge(cfg, nested, source=f"override '{item}'")
+    return nested
 
 
 def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
@@ -161,13 +142,14 @@ def _recipe_names(path) -> list:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Return the merged config dict: default, then recipe ``path``, then ``overrides``.
+    """Return the merged, type-checked config: default, then recipe ``path``, then
+    ``overrides``, as plain Python containers.
 
     ``path`` may join recipes with ``+`` (``"dinov2+cpu"``: the ``cpu`` sizes over the
     ``dinov2`` recipe). ``cfg["_meta"]`` records the recipe files and the overrides (saved
     with each run).
     """
-    cfg = _read_yaml(DEFAULT_CONFIG)
+    cfg = _merge(_schema(), _read_yaml(DEFAULT_CONFIG), str(DEFAULT_CONFIG))
     recipe_file = None
     if path is not None:
         files = [resolve_recipe(name) for name in _recipe_names(path)]
@@ -176,15 +158,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if f.resolve() == DEFAULT_CONFIG.resolve():
                 continue
             for source, data in _load_recipe(f):
-                cfg = merge(cfg, data, source=str(source))
+                cfg = _merge(cfg, data, str(source))
     for item in overrides or []:
-        cfg = apply_override(cfg, item)
-    validate(cfg)
-    cfg["_meta"] = {
+        cfg = _merge(cfg, _override(item), f"override '{item}'")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{DEFAULT_CONFIG}: no value for config key(s) {missing}")
+    out = OmegaConf.to_container(cfg, resolve=True)
+    validate(out)
+    out["_meta"] = {
         "recipe": recipe_file,
         "overrides": list(overrides or []),
     }
-    return cfg
+    return out
 
 
 def _require(cond: bool, message: str) -> None:
@@ -193,44 +179,42 @@ def _require(cond: bool, message: str) -> None:
 
 
 def validate(cfg: dict) -> None:
-    """Check value ranges that would otherwise fail deep inside training."""
-    try:
-        _validate(cfg)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"config value of the wrong type: {exc}") from exc
-
-
-def _validate(cfg: dict) -> None:
+    """Check value ranges that would otherwise fail deep inside training (types are the
+    schema's business and are already checked)."""
     t, o, tea = cfg["train"], cfg["optim"], cfg["teacher"]
-    _require(int(t["batch_size"]) >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}")
-    _require(int(t["accum_steps"]) >= 1, f"train.accum_steps must be >= 1, got {t['accum_steps']}")
-    _require(int(t["epochs"]) >= 1, f"train.epochs must be >= 1, got {t['epochs']}")
+    for key in ("batch_size", "accum_steps", "epochs"):
+        _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
+    choices = {
+        "train.precision": ("fp32", "bf16"),
+        "train.memory_check": ("error", "warn", "off"),
+        "dino.centering": ("centering", "sinkhorn_knopp"),
+        "data.on_bad_slide": ("error", "skip"),
+        "distributed.strategy": ("ddp", "fsdp"),
+    }
+    for dotted, allowed in choices.items():
+        section, key = dotted.split(".")
+        value = cfg[section][key]
+        _require(value in allowed, f"{dotted} must be one of {list(allowed)}, got {value!r}")
+    _require(o["lr"] >= 0, f"optim.lr must be >= 0, got {o['lr']}")
+    _require(0 < o["layer_decay"] <= 1, "optim.layer_decay must be in (0, 1]")
     _require(
-        t["precision"] in ("fp32", "bf16"),
-        f"train.precision must be 'fp32' or 'bf16', got {t['precision']!r}",
-    )
-    _require(float(o["lr"]) >= 0, f"optim.lr must be >= 0, got {o['lr']}")
-    _require(0 < float(o["layer_decay"]) <= 1, "optim.layer_decay must be in (0, 1]")
-    _require(
-        0 <= float(tea["momentum"]) <= 1 and 0 <= float(tea["momentum_end"]) <= 1,
+        0 <= tea["momentum"] <= 1 and 0 <= tea["momentum_end"] <= 1,
         "teacher.momentum and teacher.momentum_end must be in [0, 1]",
     )
-    _require(
-        cfg["dino"]["centering"] in ("centering", "sinkhorn_knopp"),
-        f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {cfg['dino']['centering']!r}",
-    )
-    _require(
-        cfg["data"]["on_bad_slide"] in ("error", "skip"),
-        f"data.on_bad_slide must be 'error' or 'skip', got {cfg['data']['on_bad_slide']!r}",
-    )
-    _require(
-        cfg["distributed"]["strategy"] in ("ddp", "fsdp"),
-        f"distributed.strategy must be 'ddp' or 'fsdp', got {cfg['distributed']['strategy']!r}",
-    )
+    try:
+        MultiCropConfig.from_dict(cfg["crops"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def dump_config(cfg: dict, path: Path) -> None:
-    """Write the resolved config (what actually ran) as YAML."""
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    """Write the resolved config (what actually ran) as YAML (tuples as lists)."""
+    path.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))

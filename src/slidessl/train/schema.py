@@ -1,0 +1,149 @@
+"""Typed schemas of the pretraining config, one dataclass per section.
+
+OmegaConf checks every value against these (struct mode: an unknown key is an error, a value
+that cannot be converted to the field's type is an error naming the key), so code reading a
+loaded config gets ints, floats, bools and lists of the documented types. The defaults and
+their documentation live in ``configs/default.yaml`` (as in dinov2's
+``ssl_default_config.yaml``); fields here are ``MISSING`` except the ``crops`` section, whose
+schema and defaults are :class:`slidessl.data.views.MultiCropConfig` itself.
+``model.overrides`` is free-form: its keys are :func:`slidessl.models.build_encoder`
+arguments, checked there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from slidessl.data.views import MultiCropConfig
+
+__all__ = ["PretrainConfig", "FREE_FORM"]
+
+# dotted paths of sections that accept any key (checked by the code that consumes them)
+FREE_FORM = ("model.overrides",)
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = MISSING
+    max_tiles: int = MISSING
+    order: str = MISSING
+    on_bad_slide: str = MISSING
+    num_workers: int = MISSING
+    prefetch_factor: int = MISSING
+    pin_memory: Any = MISSING  # "auto" or a bool
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    loss_weight: float = MISSING
+    out_dim: int = MISSING
+    hidden_dim: int = MISSING
+    bottleneck_dim: int = MISSING
+    nlayers: int = MISSING
+    student_temp: float = MISSING
+    center_momentum: float = MISSING
+
+
+@dataclass
+class DinoConfig(HeadConfig):
+    centering: str = MISSING
+
+
+@dataclass
+class IbotConfig(HeadConfig):
+    separate_head: bool = MISSING
+    chunk_tokens: int | None = MISSING
+    max_masked_per_crop: int | None = MISSING
+
+
+@dataclass
+class WeightConfig:
+    loss_weight: float = MISSING
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = MISSING
+    momentum_end: float = MISSING
+    temp: float = MISSING
+    warmup_temp: float = MISSING
+    warmup_temp_epochs: float = MISSING
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    lr_reference_batch: int = MISSING
+    scale_lr: bool = MISSING
+    min_lr: float = MISSING
+    warmup_epochs: float = MISSING
+    weight_decay: float = MISSING
+    weight_decay_end: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    layer_decay: float = MISSING
+    clip_grad: float | None = MISSING
+    freeze_last_layer_epochs: float = MISSING
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    accum_steps: int = MISSING
+    steps_per_epoch: int | None = MISSING
+    max_steps: int | None = MISSING
+    precision: str = MISSING
+    device: str = MISSING
+    grad_checkpointing: bool = MISSING
+    memory_check: str = MISSING
+    memory_budget_gb: float | None = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    max_nan_steps: int = MISSING
+    progress: bool = MISSING
+    tensorboard: bool = MISSING
+
+
+@dataclass
+class MonitorConfig:
+    window_slides: int = MISSING
+    usage_min_frac: float = MISSING
+    kl_center_min: float = MISSING
+    cls_std_min_frac: float = MISSING
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = MISSING
+    strategy: str = MISSING
+    find_unused_parameters: bool = MISSING
+    timeout_minutes: float = MISSING
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = MISSING
+    out: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    koleo: WeightConfig = field(default_factory=WeightConfig)
+    mfp: WeightConfig = field(default_factory=WeightConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
