@@ -39,7 +39,7 @@ def test_poolings_shapes_and_batch_invariance(rng, pooling, width):
 def test_mean_pooling_and_meanpool_baseline(rng):
     items = slides(rng)
     enc, _ = build_embedder("random:tiny", 12, seed=0)
-    out = enc.forward_features(items[0]["features"][None], items[0]["grid"][None])
+    out = {"tokens": enc.forward_tokens(items[0]["features"][None], items[0]["grid"][None])[1]}
     np.testing.assert_allclose(
         embed_batch(enc, items[:1], "mean")[0], out["tokens"][0].mean(0).detach().numpy(), atol=1e-5
     )
@@ -102,11 +102,11 @@ def test_region_pooling_is_the_mean_region_cls(rng, local):
         else:
             want = torch.stack(
                 [
-                    enc.forward_features(
+                    enc.forward_tokens(
                         item["features"][r][None],
                         (g[r] - g[r].min(0).values)[None],
                         center=center[None],
-                    )["cls"][0]
+                    )[0][0]
                     for r in groups
                 ]
             ).mean(0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from slidessl.bench import bench_attention, encoder_flops
 from slidessl.cli import main
-from slidessl.models.bench import bench_attention, encoder_flops
 from slidessl.models.encoder import build_encoder
 
 

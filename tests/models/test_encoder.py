@@ -16,16 +16,56 @@ def _tiny(**kw):
     return build_encoder("tiny", in_dim=24, **kw)
 
 
+def _layer_vectors(enc, x, c, layers):
+    states = enc.forward_intermediates(x, c, indices=layers, norm=True, intermediates_only=True)
+    return torch.cat([enc.forward_head(h) for h in states], -1)
+
+
 def test_forward_features_contract():
     enc = _tiny().eval()
     x, c = _inputs(3, 40, 24)
-    out = enc.forward_features(x, c, return_layers=True)
+    cls, tokens = enc.forward_tokens(x, c)
+    feats = enc.forward_features(x, c)
+    final, states = enc.forward_intermediates(x, c, include_input=True)
+    out = {"cls": cls, "tokens": tokens, "pooled": enc.forward_head(feats), "embed": states[0]}
+    out["layers"] = states[1:]
     assert out["cls"].shape == (3, 64) and out["tokens"].shape == (3, 40, 64)
     assert out["pooled"].shape == (3, 64) and out["embed"].shape == (3, 41, 64)
     assert len(out["layers"]) == enc.depth and out["layers"][-1].shape == (3, 41, 64)
     torch.testing.assert_close(enc(x, c), out["cls"])
-    assert enc.embed(x, c, layers=[-1, -2]).shape == (3, 128)
-    torch.testing.assert_close(enc.embed(x, c, layers=[-1]), out["cls"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, feats)
+    torch.testing.assert_close(feats[:, 0], cls)
+    assert _layer_vectors(enc, x, c, [-1, -2]).shape == (3, 128)
+    torch.testing.assert_close(_layer_vectors(enc, x, c, [-1]), out["cls"], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_intermediates_selects_blocks():
+    enc = _tiny(depth=3).eval()
+    x, c = _inputs(2, 20, 24)
+    every = enc.forward_intermediates(x, c, intermediates_only=True)
+    assert len(every) == 3
+    last_two = enc.forward_intermediates(x, c, indices=2, intermediates_only=True)
+    for a, b in zip(last_two, every[1:]):
+        torch.testing.assert_close(a, b)
+    picked = enc.forward_intermediates(x, c, indices=[0, -1], intermediates_only=True)
+    torch.testing.assert_close(picked[0], every[0])
+    torch.testing.assert_close(picked[1], every[2])
+    with pytest.raises(ValueError, match="out of range"):
+        enc.forward_intermediates(x, c, indices=[3])
+
+
+def test_mean_pool_normalises_the_pooled_mean():
+    """pool="mean" (Prov-GigaPath's global pool): forward_features stops before the final
+    norm, forward_head normalises the mean of the real tile tokens."""
+    enc = _tiny(pool="mean").eval()
+    x, c = _inputs(2, 30, 24)
+    pm = torch.zeros(2, 30, dtype=torch.bool)
+    pm[1, 20:] = True
+    feats = enc.forward_features(x, c, pm)
+    want = torch.stack([enc.norm(feats[0, 1:].mean(0)), enc.norm(feats[1, 1:21].mean(0))])
+    torch.testing.assert_close(enc(x, c, pm), want)
+    cls, _ = enc.forward_tokens(x, c, pm)
+    torch.testing.assert_close(cls, enc.norm(feats[:, 0]))
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -35,9 +75,13 @@ def test_padded_batch_equals_slides_alone(pool):
     x, c = _inputs(3, 70, 24)
     pm = torch.arange(70)[None] >= torch.tensor(lengths)[:, None]
     x[pm] = 1e4  # junk in padding must not leak
-    out = enc.forward_features(x, c, pm)
+
+    def run(x, c, pm=None):
+        return {"pooled": enc(x, c, pm), "tokens": enc.forward_tokens(x, c, pm)[1]}
+
+    out = run(x, c, pm)
     for i, m in enumerate(lengths):
-        alone = enc.forward_features(x[i : i + 1, :m], c[i : i + 1, :m])
+        alone = run(x[i : i + 1, :m], c[i : i + 1, :m])
         torch.testing.assert_close(out["pooled"][i], alone["pooled"][0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out["tokens"][i, :m], alone["tokens"][0], rtol=1e-4, atol=1e-4)
 
@@ -46,12 +90,12 @@ def test_token_mask_hides_the_masked_features():
     enc = _tiny().eval()
     x, c = _inputs(2, 30, 24)
     tm = torch.rand(2, 30) < 0.4
-    a = enc.forward_features(x, c, token_mask=tm)["cls"]
+    a = enc.forward_tokens(x, c, token_mask=tm)[0]
     x2 = x.clone()
     x2[tm] = torch.randn_like(x2[tm])
-    b = enc.forward_features(x2, c, token_mask=tm)["cls"]
+    b = enc.forward_tokens(x2, c, token_mask=tm)[0]
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, enc.forward_features(x, c)["cls"])
+    assert not torch.allclose(a, enc.forward_tokens(x, c)[0])
 
 
 @pytest.mark.parametrize("n", [1, 7, 1023, 1025, 8193])
@@ -59,7 +103,7 @@ def test_lengths(n):
     enc = build_encoder("tiny", in_dim=8, embed_dim=16, num_heads=2, mlp_dim=16, depth=1).eval()
     x, c = _inputs(1, n, 8, grid=200)
     with torch.no_grad():
-        out = enc.forward_features(x, c)
+        out = {"tokens": enc.forward_tokens(x, c)[1]}
     assert out["tokens"].shape == (1, n, 16) and torch.isfinite(out["tokens"]).all()
 
 
@@ -69,7 +113,7 @@ def test_gradients_and_checkpointing_agree():
     x, c = _inputs(2, 50, 24)
     pm = torch.zeros(2, 50, dtype=torch.bool)
     pm[1, 33:] = True
-    enc.forward_features(x, c, pm)["cls"].pow(2).sum().backward()
+    enc.forward_tokens(x, c, pm)[0].pow(2).sum().backward()
     plain = {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None}
     assert all(torch.isfinite(g).all() for g in plain.values())
     # every parameter but the (unused) mask token learns
@@ -78,7 +122,7 @@ def test_gradients_and_checkpointing_agree():
     config = dict(enc.config)
     enc.set_grad_checkpointing(True)
     assert enc.config == config  # a runtime switch never alters the exported config
-    enc.forward_features(x, c, pm)["cls"].pow(2).sum().backward()
+    enc.forward_tokens(x, c, pm)[0].pow(2).sum().backward()
     for k, p in enc.named_parameters():
         if k in plain:
             torch.testing.assert_close(p.grad, plain[k], rtol=1e-4, atol=1e-5)
@@ -98,9 +142,9 @@ def test_coordinates_beyond_256k_pixels():
     enc = _tiny().eval()
     x = torch.randn(1, 6, 24)
     c = torch.tensor([[[0, 0], [1000, 2], [1001, 2], [3000, 2999], [2, 1500], [9999, 9999]]])
-    out = enc.forward_features(x, c)["tokens"]
+    out = enc.forward_tokens(x, c)[1]
     assert torch.isfinite(out).all()
-    moved = enc.forward_features(x, c + torch.tensor([0, 1]))["tokens"]
+    moved = enc.forward_tokens(x, c + torch.tensor([0, 1]))[1]
     assert not torch.allclose(out, moved)
 
 
@@ -145,10 +189,10 @@ def test_cuda_encoder_matches_cpu_and_pads():
     x, c = _inputs(2, 1500, 64, grid=900)
     pm = torch.arange(1500)[None] >= torch.tensor(lengths)[:, None]
     with torch.no_grad():
-        ref = enc.forward_features(x, c, pm)["cls"]
+        ref = enc.forward_tokens(x, c, pm)[0]
         gpu = enc.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = gpu.forward_features(x.cuda(), c.cuda(), pm.cuda())["cls"].float().cpu()
-            alone = gpu.forward_features(x[1:, :700].cuda(), c[1:, :700].cuda())["cls"]
+            out = gpu.forward_tokens(x.cuda(), c.cuda(), pm.cuda())[0].float().cpu()
+            alone = gpu.forward_tokens(x[1:, :700].cuda(), c[1:, :700].cuda())[0]
     assert (out - ref).norm() / ref.norm() < 0.05
     assert (out[1] - alone[0].float().cpu()).norm() / out[1].norm() < 0.05

@@ -53,7 +53,7 @@ def test_import_maps_every_key(tmp_path):
     assert len(outs) == 3 and outs[0].shape == (1, 64)
     # 32 tokens need no padding in any branch: the published forward equals ours there
     torch.testing.assert_close(
-        outs[-1], enc.norm(enc.forward_features(x, grid, return_layers=True)["layers"][-1])[:, 0]
+        outs[-1], enc.norm(enc.forward_intermediates(x, grid, intermediates_only=True)[-1])[:, 0]
     )
     torch.testing.assert_close(gigapath_forward(enc, x, grid)[0], enc(x, grid))
     pooled = load_gigapath(tmp_path / "slide_encoder.pth", global_pool=True, **SMALL)

@@ -120,9 +120,9 @@ def test_forward_regions_equals_running_each_region(rng, cls_pos):
         got = enc.forward_regions(x, g, parts, center=x.mean(0))
         for i, r in enumerate(parts):
             alone = enc(x[r][None], (g[r] - g[r].min(0).values)[None])  # centred on its own mean
-            ref = enc.forward_features(
+            ref = enc.forward_tokens(
                 x[r][None], (g[r] - g[r].min(0).values)[None], center=x.mean(0)[None]
-            )["cls"][0]
+            )[0][0]
             torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(
                 alone[0], ref, atol=1e-4
@@ -147,8 +147,8 @@ def test_input_center_removes_a_per_slide_shift(rng):
         torch.testing.assert_close(enc(x + shift, g), enc(x, g), rtol=1e-5, atol=1e-5)
         # a crop centred on its slide's mean: the same shift cancels too
         c = x[0].mean(0, keepdim=True)
-        a = enc.forward_features(x[:, :20], g[:, :20], center=c)["cls"]
-        b = enc.forward_features(x[:, :20] + shift, g[:, :20], center=c + shift[0])["cls"]
+        a = enc.forward_tokens(x[:, :20], g[:, :20], center=c)[0]
+        b = enc.forward_tokens(x[:, :20] + shift, g[:, :20], center=c + shift[0])[0]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -129,10 +129,13 @@ def layer_embeddings(encoder, items: list[dict]) -> dict[str, np.ndarray]:
     through the final LayerNorm (as the pooled output), in the order of ``items``."""
     out: dict[str, list] = {}
     for it in items:
-        res = encoder.forward_features(
-            it["features"][None].float(), it["grid"][None], return_layers=True
+        states = encoder.forward_intermediates(
+            it["features"][None].float(),
+            it["grid"][None],
+            include_input=True,
+            intermediates_only=True,
         )
-        for depth, h in enumerate([res["embed"], *res["layers"]]):
+        for depth, h in enumerate(states):
             hn = encoder.norm(h)
             out.setdefault(f"cls@{depth}", []).append(hn[0, 0].numpy())
             out.setdefault(f"mean@{depth}", []).append(encoder.norm(h[0, 1:].mean(0)).numpy())

@@ -115,12 +115,12 @@ def region_embedding(encoder, item: dict, side: int, batch_size: int = 64) -> to
             for r in groups[s : s + batch_size]
         ]
         batch = pad_crops(crops)
-        cls = encoder.forward_features(
+        cls, _ = encoder.forward_tokens(
             batch["features"],
             batch["coords"],
             batch["padding_mask"],
             center=center.expand(len(crops), -1),
-        )["cls"]
+        )
         part = cls.double().sum(dim=0)
         total = part if total is None else total + part
     return (total / len(groups)).float()
@@ -199,7 +199,10 @@ def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
             f"the encoder expects {encoder.in_dim}"
         )
     if kind == "layers":
-        return encoder.embed(x, g, mask, layers=layers).float().numpy()
+        states = encoder.forward_intermediates(
+            x, g, mask, indices=layers, norm=True, intermediates_only=True
+        )
+        return torch.cat([encoder.forward_head(h, mask) for h in states], -1).float().numpy()
     if kind == "regions":
         return np.stack(
             [
@@ -207,13 +210,13 @@ def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
                 for it in items
             ]
         )
-    out = encoder.forward_features(x, g, mask)
-    if kind == "cls":
-        return out["cls"].float().numpy()
     if kind == "pooled":
-        return out["pooled"].float().numpy()
+        return encoder(x, g, mask).float().numpy()
+    cls, tokens = encoder.forward_tokens(x, g, mask)
+    if kind == "cls":
+        return cls.float().numpy()
     keep = (~mask).unsqueeze(-1).float()
-    return ((out["tokens"].float() * keep).sum(1) / keep.sum(1)).numpy()
+    return ((tokens.float() * keep).sum(1) / keep.sum(1)).numpy()
 
 
 def embed_items(encoder, items: list[dict], pooling: str = "cls", batch_size: int = 4):

@@ -4,7 +4,7 @@ Two maps per slide:
 
 - **CLS attention** of the last block. The models layer exposes no attention hook, so it is
   recomputed here from the last block's weights: the block input (the previous block's
-  output, from ``forward_features(return_layers=True)``) goes through the block's
+  output, from ``forward_intermediates``) goes through the block's
   ``self_attn_layer_norm``, ``q_proj`` (CLS row) and ``k_proj`` (tile rows); the map is
   ``softmax(q_cls . k_tile / sqrt(d_head))`` over real tiles, averaged over heads. This is
   the *dense* CLS-to-tile attention: it ignores LongNet's segment / dilation sparsity (under
@@ -26,10 +26,11 @@ import torch
 def cls_attention(encoder, x: torch.Tensor, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(attention (N,), tokens (N, E))`` for one slide: x (N, D), grid (N, 2)."""
     encoder.eval()
-    out = encoder.forward_features(x[None], grid[None], return_layers=True)
     if not encoder.blocks:
         raise ValueError("encoder has no blocks: no attention to map")
-    h_in = out["layers"][-2] if len(out["layers"]) > 1 else out["embed"]
+    final, states = encoder.forward_intermediates(x[None], grid[None], include_input=True)
+    h_in = states[-2]  # the last block's input
+    tokens = (final if encoder.config["pool"] == "cls" else encoder.norm(final))[0, 1:]
     blk = encoder.blocks[-1]
     attn_mod = blk.self_attn
     hn = blk.self_attn_layer_norm(h_in)
@@ -39,7 +40,7 @@ def cls_attention(encoder, x: torch.Tensor, grid: torch.Tensor) -> tuple[np.ndar
     k = attn_mod.k_proj(hn[:, 1:]).view(1, -1, heads, e // heads)
     logits = torch.einsum("bqhd,bnhd->bhn", q, k) / math.sqrt(e // heads)
     attn = torch.softmax(logits.float(), dim=-1).mean(dim=1)[0]
-    return attn.numpy(), out["tokens"][0].float().numpy()
+    return attn.numpy(), tokens.float().numpy()
 
 
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:

@@ -4,13 +4,17 @@ A ViT over tiles (Dosovitskiy et al., 2021) with LongNet dilated attention (Ding
 2023, arXiv:2307.02486), as in Prov-GigaPath's slide encoder (Xu et al., 2024, Nature):
 input projection, 2-D sin-cos positions from grid coordinates, a CLS token, pre-norm blocks
 with MAGNETO sub-LN, final LayerNorm. Exposes ``forward_features`` / ``forward`` (timm
-style), a mask token for iBOT (Zhou et al., 2022) and an activation-checkpointing switch.
+style: ``forward_features`` -> tokens, ``forward_head`` -> slide vector,
+``forward_intermediates``, ``set_grad_checkpointing``), ``forward_tokens`` (normalised CLS
+and tile tokens, for self-distillation), a mask token for iBOT (Zhou et al., 2022).
 
 Example::
 
     enc = build_encoder("tiny", in_dim=384)
-    out = enc.forward_features(x, coords, padding_mask)   # x (B,N,384), coords (B,N,2)
-    slide = out["pooled"]                                 # (B, 64)
+    feats = enc.forward_features(x, coords, padding_mask)   # x (B,N,384), coords (B,N,2)
+    slide = enc.forward_head(feats, padding_mask)          # (B, 64), = enc(x, coords, mask)
+    blocks = enc.forward_intermediates(x, coords, indices=[-1, -2], norm=True,
+                                       intermediates_only=True)
 """
 
 from __future__ import annotations
@@ -204,18 +208,10 @@ class SlideEncoder(nn.Module):
                     f"got {m.dtype} {tuple(m.shape)}"
                 )
 
-    def forward_features(
-        self, x, coords, padding_mask=None, token_mask=None, return_layers=False, center=None
-    ) -> dict:
-        """Return ``{"cls", "tokens", "pooled"}`` (+ ``"embed"``, ``"layers"`` on request).
-
-        ``padding_mask`` True = padding; ``token_mask`` True = replace the token by the
-        mask token (iBOT). With ``input_center`` the features are centred first: on
-        ``center`` (B, in_dim), the mean tile feature of each input's *slide* (what the
-        training crops carry), else on the input's own mean (a whole slide). ``layers`` are
-        the raw block outputs (B, 1+N, E), ``embed`` the block input; ``cls``/``tokens``
-        come after the final norm.
-        """
+    def _trunk(self, x, coords, padding_mask, token_mask, center, keep=None):
+        """Blocks over the input: ``(h, mask, states)``; ``h`` (B, 1+N, E) after the
+        encoder norm, before the final norm; ``states`` the block input and block outputs
+        whose positions (0 = input, i = block i) are in ``keep``."""
         self._check(x, coords, padding_mask, token_mask)
         if self.config["input_center"]:
             if center is None:
@@ -236,24 +232,94 @@ class SlideEncoder(nn.Module):
         neighbours = None
         if self.local_kernel:
             neighbours = grid_neighbours(coords, padding_mask, self.local_kernel)
-        layers = []
-        embed = h
-        for blk in self.blocks:
+        keep = set() if keep is None else keep
+        states = [h] if 0 in keep else []
+        for i, blk in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(blk, h, mask, neighbours, coords, use_reentrant=False)
             else:
                 h = blk(h, mask, neighbours, coords)
-            if return_layers:
-                layers.append(h)
+            if i in keep:
+                states.append(h)
         if self.encoder_norm is not None:
             h = self.encoder_norm(h)
+        return h, mask, states
+
+    def _final_norm(self, h):
+        """The final norm as ``forward_features`` applies it: on every token for
+        ``pool="cls"``; for ``pool="mean"`` it moves to the pooled vector (``forward_head``),
+        as timm's average-pooled ViTs (``fc_norm``) and Prov-GigaPath's global pool do."""
+        return self.norm(h) if self.config["pool"] == "cls" else h
+
+    def forward_features(
+        self, x, coords, padding_mask=None, token_mask=None, center=None
+    ) -> torch.Tensor:
+        """``(B, 1+N, E)``: the CLS then the tile tokens after the last block (timm style).
+
+        ``padding_mask`` True = padding; ``token_mask`` True = replace the token by the
+        mask token (iBOT). With ``input_center`` the features are centred first: on
+        ``center`` (B, in_dim), the mean tile feature of each input's *slide* (what the
+        training crops carry), else on the input's own mean (a whole slide). After the final
+        norm for ``pool="cls"``; before it for ``pool="mean"`` (see :meth:`forward_head`).
+        """
+        h, _, _ = self._trunk(x, coords, padding_mask, token_mask, center)
+        return self._final_norm(h)
+
+    def forward_tokens(
+        self, x, coords, padding_mask=None, token_mask=None, center=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls (B, E), tokens (B, N, E))`` after the final norm, whatever the pooling:
+        what self-distillation trains on (dinov2's ``x_norm_clstoken`` /
+        ``x_norm_patchtokens``). Arguments as :meth:`forward_features`."""
+        h, _, _ = self._trunk(x, coords, padding_mask, token_mask, center)
         out = self.norm(h)
-        result = {"cls": out[:, 0], "tokens": out[:, 1:]}
-        result["pooled"] = result["cls"] if self.config["pool"] == "cls" else self._mean(h, mask)
-        if return_layers:
-            result["embed"] = embed
-            result["layers"] = layers
-        return result
+        return out[:, 0], out[:, 1:]
+
+    def forward_head(self, x, padding_mask=None, pre_logits: bool = False) -> torch.Tensor:
+        """Slide vector ``(B, E)`` from :meth:`forward_features` output ``x``: the CLS
+        (``pool="cls"``), or the final norm of the mean over real tile tokens
+        (``pool="mean"``). There is no classifier: ``pre_logits`` is accepted for timm
+        compatibility and changes nothing."""
+        del pre_logits
+        if self.config["pool"] == "cls":
+            return x[:, 0]
+        tok = x[:, 1:]
+        if padding_mask is None:
+            return self.norm(tok.mean(dim=1))
+        keep = (~padding_mask).unsqueeze(-1).to(tok.dtype)
+        return self.norm((tok * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+    def forward_intermediates(
+        self,
+        x,
+        coords,
+        padding_mask=None,
+        indices=None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+        include_input: bool = False,
+    ):
+        """Block outputs ``(B, 1+N, E)`` (timm style): ``indices`` an int (the last n
+        blocks), a list of block indices (negatives count from the end) or None (all);
+        ``norm`` applies the final norm as :meth:`forward_features` does, so that
+        ``forward_head`` pools any of them like the last. ``include_input`` puts the block
+        input (the token embedding) first. Returns ``(final, intermediates)``, or the list
+        alone with ``intermediates_only``; ``final`` equals :meth:`forward_features`."""
+        if indices is None:
+            picked = list(range(self.depth))
+        elif isinstance(indices, int):
+            picked = list(range(self.depth - indices, self.depth))
+        else:
+            picked = [i + self.depth if i < 0 else i for i in indices]
+        if any(not 0 <= i < self.depth for i in picked):
+            raise ValueError(f"block indices {indices} out of range for depth {self.depth}")
+        keep = {i + 1 for i in picked} | ({0} if include_input else set())
+        h, _, states = self._trunk(x, coords, padding_mask, None, None, keep)
+        by_pos = dict(zip(sorted(keep), states))
+        out = ([by_pos[0]] if include_input else []) + [by_pos[i + 1] for i in picked]
+        if norm:
+            out = [self._final_norm(t) for t in out]
+        return out if intermediates_only else (self._final_norm(h), out)
 
     def forward_regions(self, x, coords, regions, center=None) -> torch.Tensor:
         """The final CLS of each region of one slide, ``(R, E)``, with every tile's token
@@ -292,34 +358,9 @@ class SlideEncoder(nn.Module):
             cls = self.encoder_norm(cls)
         return self.norm(cls)
 
-    def _mean(self, h, mask):
-        """Final norm of the mean over real tokens (CLS excluded), as Prov-GigaPath pools."""
-        tok = h[:, 1:]
-        if mask is None:
-            return self.norm(tok.mean(dim=1))
-        keep = (~mask[:, 1:]).unsqueeze(-1).to(tok.dtype)
-        return self.norm((tok * keep).sum(1) / keep.sum(1).clamp_min(1.0))
-
-    def embed(self, x, coords, padding_mask=None, layers=None) -> torch.Tensor:
-        """Slide embedding (B, E); with ``layers`` (indices into the blocks, negatives ok) the
-        concatenation of those layers' pooled outputs (B, E * len(layers))."""
-        if layers is None:
-            return self.forward_features(x, coords, padding_mask)["pooled"]
-        out = self.forward_features(x, coords, padding_mask, return_layers=True)
-        mask = None
-        if padding_mask is not None:
-            mask = torch.cat([padding_mask.new_zeros(x.shape[0], 1), padding_mask], dim=1)
-        pooled = []
-        for i in layers:
-            h = out["layers"][i]
-            pooled.append(
-                self.norm(h)[:, 0] if self.config["pool"] == "cls" else self._mean(h, mask)
-            )
-        return torch.cat(pooled, dim=-1)
-
     def forward(self, x, coords, padding_mask=None) -> torch.Tensor:
         """Slide embedding (B, E): CLS, or the token mean for ``pool="mean"``."""
-        return self.forward_features(x, coords, padding_mask)["pooled"]
+        return self.forward_head(self.forward_features(x, coords, padding_mask), padding_mask)
 
 
 def _masked_mean(x: torch.Tensor, padding_mask) -> torch.Tensor:

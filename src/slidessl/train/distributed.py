@@ -181,8 +181,9 @@ def wrap_model(arch: nn.Module, ctx: DistContext, cfg: dict) -> nn.Module:
                 for block in getattr(module, "blocks", []):
                     fully_shard(block)
                 fully_shard(module)
-                if hasattr(module, "forward_features"):
-                    register_fsdp_forward_method(module, "forward_features")
+                for method in ("forward_features", "forward_tokens"):
+                    if hasattr(module, method):
+                        register_fsdp_forward_method(module, method)
         return arch
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(

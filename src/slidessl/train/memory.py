@@ -106,7 +106,7 @@ def saved_bytes_per_token(backbone, device, precision: str = "fp32", sizes=(128,
         mask = torch.zeros(1, n, dtype=torch.bool, device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast_context(torch.device(device), precision):
-                out = backbone.forward_features(x, _probe_grid(n, device), token_mask=mask)
+                out = backbone.forward_tokens(x, _probe_grid(n, device), token_mask=mask)
         del out
         return sum(storages.values())
 
