@@ -15,7 +15,7 @@ from .conftest import random_slide
 
 def _run(cfg, arch, batches_per_step):
     arch = copy.deepcopy(arch)
-    opt = build_optimizer(arch.student, cfg)
+    opt = build_optimizer(arch.get_params_groups(cfg["optim"]["layer_decay"]), cfg)
     sch = build_schedules(cfg, steps_per_epoch=2, global_batch=4)
     losses, grads = [], None
     for step, micro in enumerate(batches_per_step):

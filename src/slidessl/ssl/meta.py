@@ -15,9 +15,10 @@ the loss of the whole batch. Teacher centres accumulate per micro-batch and move
 
 Example::
 
-    arch = SSLMetaArch(cfg)
-    loss, logs = arch.compute_loss(batch, teacher_temp=0.04)
-    loss.backward(); optimizer.step()
+    arch = SSLMetaArch.from_config(cfg, feature_dim=1536)
+    optimizer = torch.optim.AdamW(arch.get_params_groups(layer_decay=0.9))
+    sums, finite = arch.forward_backward(micro_batches, teacher_temp=0.04)
+    optimizer.step()
     arch.update_centers(); arch.update_teacher(momentum=0.996)
     save_encoder(arch.teacher["backbone"], "out/teacher")
 """
@@ -221,44 +222,44 @@ class SSLMetaArch(nn.Module):
         logs: dict[str, torch.Tensor] = {}
 
         with torch.no_grad():
-            t_out = self.teacher["backbone"].forward_features(
+            t_cls, t_tokens = self.teacher["backbone"].forward_tokens(
                 g["features"], g["coords"], padding_mask=g["padding_mask"], center=g.get("center")
             )
-            t_logits = self.teacher["dino_head"](t_out["cls"])
+            t_logits = self.teacher["dino_head"](t_cls)
             t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
             self.monitor_rows.append(
                 {
                     "teacher_logits": t_logits.chunk(n_g)[0].detach().float().cpu(),
-                    "teacher_cls": t_out["cls"].chunk(n_g)[0].detach().float().cpu(),
+                    "teacher_cls": t_cls.chunk(n_g)[0].detach().float().cpu(),
                 }
             )
             del self.monitor_rows[:-64]
             scored = None if mask is None else cap_masked(mask, self.max_masked)
             if mask is not None and self.ibot_loss is not None:
                 t_patch = head_in_chunks(
-                    self._ibot_head(self.teacher), t_out["tokens"][scored], self.head_chunk
+                    self._ibot_head(self.teacher), t_tokens[scored], self.head_chunk
                 )
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
                 del t_patch
 
-        s_out = self.student["backbone"].forward_features(
+        s_cls, s_tokens = self.student["backbone"].forward_tokens(
             g["features"],
             g["coords"],
             padding_mask=g["padding_mask"],
             token_mask=mask,
             center=g.get("center"),
         )
-        s_global = self.student["dino_head"](s_out["cls"]).chunk(n_g)
+        s_global = self.student["dino_head"](s_cls).chunk(n_g)
         s_local: tuple[torch.Tensor, ...] = ()
         if n_l > 0:
             loc = batch["local"]
-            l_out = self.student["backbone"].forward_features(
+            l_cls, _ = self.student["backbone"].forward_tokens(
                 loc["features"],
                 loc["coords"],
                 padding_mask=loc["padding_mask"],
                 center=loc.get("center"),
             )
-            s_local = self.student["dino_head"](l_out["cls"]).chunk(n_l)
+            s_local = self.student["dino_head"](l_cls).chunk(n_l)
 
         dino = s_global[0].new_zeros((), dtype=torch.float32)
         if n_l > 0:
@@ -274,7 +275,7 @@ class SSLMetaArch(nn.Module):
         if mask is not None and self.ibot_loss is not None:
             ibot = self.ibot_loss.forward_head_masked(
                 self._ibot_head(self.student),
-                s_out["tokens"][scored],
+                s_tokens[scored],
                 t_patch_probs,
                 scored,
                 self.head_chunk,
@@ -282,20 +283,71 @@ class SSLMetaArch(nn.Module):
             logs["ibot_loss"] = ibot.detach()
             total = total + self.ibot_weight * ibot
         if self.mfp_weight > 0:
-            mfp = masked_feature_loss(self.student["mfp_head"], s_out["tokens"], g, scored)
+            mfp = masked_feature_loss(self.student["mfp_head"], s_tokens, g, scored)
             logs["mfp_loss"] = mfp.detach()
             total = total + self.mfp_weight * mfp
         if self.koleo_loss is not None:
-            if s_out["cls"].shape[0] < 2 * n_g:
+            if s_cls.shape[0] < 2 * n_g:
                 raise ValueError(
                     "koleo.loss_weight > 0 needs train.batch_size >= 2 "
                     "(KoLeo compares slides within a micro-batch)"
                 )
-            koleo = sum(self.koleo_loss(c) for c in s_out["cls"].chunk(n_g))
+            koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(n_g))
             logs["koleo_loss"] = koleo.detach()
             total = total + self.koleo_weight * koleo
         logs["loss"] = total.detach()
         return total, logs
+
+    def forward_backward(
+        self,
+        micro_batches: list[dict],
+        teacher_temp: float,
+        *,
+        model: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward and backward of the micro-batches of one optimizer step (dinov2's
+        ``forward_backward``, over k micro-batches).
+
+        Each micro-batch's loss is scaled by its share of this rank's slides, so the summed
+        gradient is that of the whole local batch's mean loss; ``model`` is this arch as the
+        trainer wraps it (DDP: gradients all-reduce on the last micro-batch only). Returns
+        ``(sums, finite)``: each loss term times its micro-batch's slides, summed (detached,
+        for the slide-weighted mean over ranks), and whether every loss was finite. Centre
+        sums accumulate; nothing is updated (:meth:`update_centers`, :meth:`update_teacher`).
+        """
+        from slidessl.train.data import to_device
+        from slidessl.train.distributed import maybe_no_sync
+        from slidessl.train.step import autocast_context
+
+        model = self if model is None else model
+        device = torch.device(device)
+        sizes = [int(b["batch_size"]) for b in micro_batches]
+        local_slides = float(sum(sizes))
+        sums: dict[str, torch.Tensor] = {}
+        finite = True
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, device)
+            weight = sizes[i] / local_slides if local_slides else 0.0
+            with maybe_no_sync(model, sync=i == len(micro_batches) - 1):
+                with autocast_context(device, precision):
+                    loss, logs = model(batch, float(teacher_temp))
+                if not torch.isfinite(loss.detach()).all():
+                    finite = False
+                (loss * weight).backward()
+            for key, value in logs.items():
+                term = value.detach().float() * sizes[i]
+                sums[key] = sums[key] + term if key in sums else term
+        return sums, finite
+
+    def get_params_groups(self, layer_decay: float = 1.0) -> list[dict]:
+        """The student's AdamW parameter groups (dinov2's ``get_params_groups``): no weight
+        decay on biases, norms and tokens; layer-wise lr decay; the prototype layer marked
+        for its early freeze (:func:`slidessl.train.optim.param_groups`)."""
+        from slidessl.train.optim import param_groups
+
+        return param_groups(self.student, layer_decay)
 
     # ------------------------------------------------------------------ per optimizer step
     @torch.no_grad()

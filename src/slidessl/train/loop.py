@@ -53,7 +53,7 @@ def pretrain(cfg: dict, resume: bool = False) -> Path:
     """
     t = cfg["train"]
     ctx = init_distributed(
-        t["device"], cfg["distributed"]["backend"], float(cfg["distributed"]["timeout_minutes"])
+        t["device"], cfg["distributed"]["backend"], cfg["distributed"]["timeout_minutes"]
     )
     try:
         return _pretrain(cfg, ctx, resume)
@@ -71,12 +71,12 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    seed = int(cfg["seed"])
+    seed = cfg["seed"]
     _seed_everything(seed)
 
     slides = build_slide_dataset(cfg)
     crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed)
-    micro, accum = int(t["batch_size"]), int(t["accum_steps"])
+    micro, accum = t["batch_size"], t["accum_steps"]
     global_batch = micro * accum * ctx.world_size
     sampler = SlideShardSampler(
         len(crops),
@@ -87,24 +87,24 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
         steps_per_epoch=t["steps_per_epoch"],
     )
     steps_per_epoch = sampler.steps_per_epoch
-    epochs = int(t["epochs"])
+    epochs = t["epochs"]
     total_steps = epochs * steps_per_epoch
-    stop_at = total_steps if t["max_steps"] is None else min(total_steps, int(t["max_steps"]))
+    stop_at = total_steps if t["max_steps"] is None else min(total_steps, t["max_steps"])
     schedules = build_schedules(cfg, steps_per_epoch, global_batch)
 
     arch = _build_arch(cfg, _feature_dim(slides)).to(device)
     arch.train()
     # before anything is written or stepped: a run that cannot fit says so, naming knobs
-    tiles = getattr(slides, "num_tiles", None) or [int(cfg["data"]["max_tiles"])]
+    tiles = getattr(slides, "num_tiles", None) or [cfg["data"]["max_tiles"]]
     memory = check_memory(cfg, arch, max(tiles), ctx.world_size)
     model = wrap_model(arch, ctx, cfg)
     # after wrapping: FSDP replaces the parameters with sharded ones
-    optimizer = build_optimizer(arch.student, cfg)
+    optimizer = build_optimizer(arch.get_params_groups(cfg["optim"]["layer_decay"]), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
     m = cfg["monitor"]
     monitor = CollapseMonitor(m["usage_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
-    window = MonitorWindow(int(m["window_slides"]))
-    guard = NonFiniteGuard(int(t["max_nan_steps"]))
+    window = MonitorWindow(m["window_slides"])
+    guard = NonFiniteGuard(t["max_nan_steps"])
     stats = RunStats()
     step = 0
     if resume:
@@ -157,8 +157,8 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
         )
 
     bar = _progress(t, ctx, stop_at, step)
-    log_every, ckpt_every = max(int(t["log_every"]), 1), int(t["checkpoint_every"])
-    keep = int(t["keep_checkpoints"])
+    log_every, ckpt_every = max(t["log_every"], 1), t["checkpoint_every"]
+    keep = t["keep_checkpoints"]
     try:
         while step < stop_at:
             epoch = step // steps_per_epoch

@@ -93,12 +93,12 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(student: nn.ModuleDict, cfg: dict) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; lr and weight decay are set per step by the trainer."""
+def build_optimizer(groups: list[dict], cfg: dict) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups`` (``SSLMetaArch.get_params_groups``); lr and weight
+    decay are set per step by the trainer."""
     o = cfg["optim"]
-    groups = param_groups(student, float(o["layer_decay"]))
     return torch.optim.AdamW(
-        groups, lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]), weight_decay=0.0
+        groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=0.0
     )
 
 

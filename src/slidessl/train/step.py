@@ -15,8 +15,7 @@ import math
 import torch
 from torch import nn
 
-from slidessl.train.data import to_device
-from slidessl.train.distributed import all_reduce_sum, maybe_no_sync
+from slidessl.train.distributed import all_reduce_sum
 from slidessl.train.optim import apply_schedules, drop_frozen_grads
 
 __all__ = ["autocast_context", "optimizer_step"]
@@ -66,7 +65,8 @@ def optimizer_step(
     precision: str = "fp32",
     clip_grad: float | None = None,
 ) -> dict[str, float]:
-    """Run forward/backward on every micro-batch, then one optimizer + centre + EMA update.
+    """``arch.forward_backward`` on every micro-batch, then one optimizer + centre + EMA
+    update.
 
     ``model`` is the (possibly DDP-wrapped) ``arch``. Returns the step's logs: the slide-
     weighted mean of each loss term over all ranks, ``grad_norm``, ``slides`` (global) and
@@ -74,25 +74,13 @@ def optimizer_step(
     """
     apply_schedules(optimizer, sched["lr"], sched["wd"], bool(sched["last_layer_frozen"]))
     optimizer.zero_grad(set_to_none=True)
-    sizes = [int(b["batch_size"]) for b in micro_batches]
-    local_slides = float(sum(sizes))
+    local_slides = float(sum(int(b["batch_size"]) for b in micro_batches))
     world_slides = all_reduce_sum(torch.tensor([local_slides], device=device))
     # Each rank's share: with DDP averaging over ranks, scale so the global sum is the mean.
     world = max(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, 1)
-    sums: dict[str, torch.Tensor] = {}
-    finite = True
-    for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, device)
-        weight = sizes[i] / local_slides if local_slides else 0.0
-        with maybe_no_sync(model, sync=i == len(micro_batches) - 1):
-            with autocast_context(device, precision):
-                loss, logs = model(batch, float(sched["teacher_temp"]))
-            if not torch.isfinite(loss.detach()).all():
-                finite = False
-            (loss * weight).backward()
-        for key, value in logs.items():
-            term = value.detach().float() * sizes[i]
-            sums[key] = sums[key] + term if key in sums else term
+    sums, finite = arch.forward_backward(
+        micro_batches, sched["teacher_temp"], model=model, device=device, precision=precision
+    )
 
     flag = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=device))
     finite = bool(flag.item() == 0)
