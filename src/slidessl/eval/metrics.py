@@ -1,8 +1,11 @@
 """Ranking metrics for slide-level tasks: AUROC and AUPRC (average precision).
 
-Written once, vectorised over rows, so the same code scores one prediction vector and a
-thousand bootstrap resamples of it. Conventions follow scikit-learn exactly (they are
-tested against ``sklearn.metrics.roc_auc_score`` / ``average_precision_score``):
+The headline scores (:func:`task_metrics`) are scikit-learn's ``roc_auc_score`` and
+``average_precision_score``. The bootstrap CIs score a thousand resamples at once with
+:func:`binary_auroc` / :func:`binary_auprc`, written vectorised over rows because one
+scikit-learn call per resample is 9x (1,000 slides) to 90x (180 slides) slower
+(``python benchmarks/bench_probe.py`` prints the ratio); they follow scikit-learn's
+conventions exactly and are tested against it:
 
 - AUROC: the Mann-Whitney statistic with mid-ranks for tied scores.
 - AUPRC: average precision, ``sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds
@@ -68,6 +71,22 @@ def binary_auprc(y, s) -> np.ndarray | float:
     return float(ap[0]) if one else ap
 
 
+def _sk_binary(y, s) -> dict[str, float]:
+    """scikit-learn's AUROC / AP of one score vector; ``nan`` without both classes."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = (np.asarray(y) > 0).astype(int)
+    s = np.asarray(s, dtype=np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    pos = int(y.sum())
+    auroc = roc_auc_score(y, s) if 0 < pos < len(y) else float("nan")
+    auprc = average_precision_score(y, s) if pos > 0 else float("nan")
+    return {"auroc": float(auroc), "auprc": float(auprc)}
+
+
 def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
     """(n,) integer classes -> (n, n_classes) 0/1 matrix."""
     y = np.asarray(y, dtype=np.int64)
@@ -76,15 +95,6 @@ def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
     out = np.zeros((y.shape[0], n_classes), dtype=np.float64)
     out[np.arange(y.shape[0]), y] = 1.0
     return out
-
-
-def per_column(Y: np.ndarray, S: np.ndarray) -> dict[str, np.ndarray]:
-    """AUROC and AUPRC for each column of a (n, L) label / score matrix."""
-    Y = np.asarray(Y)
-    S = np.asarray(S, dtype=np.float64)
-    if Y.ndim != 2 or Y.shape != S.shape:
-        raise ValueError(f"expected matching (n, L) matrices, got {Y.shape} and {S.shape}")
-    return {"auroc": binary_auroc(Y.T, S.T), "auprc": binary_auprc(Y.T, S.T)}
 
 
 def task_metrics(kind: str, y: np.ndarray, scores: np.ndarray) -> dict:
@@ -96,22 +106,26 @@ def task_metrics(kind: str, y: np.ndarray, scores: np.ndarray) -> dict:
     ``per_class`` lists and, for multi-label, ``auroc_micro`` / ``auprc_micro``.
     """
     if kind == "binary":
-        return {"auroc": binary_auroc(y, scores), "auprc": binary_auprc(y, scores)}
+        return _sk_binary(y, scores)
     if kind == "multiclass":
         Y = one_hot(y, scores.shape[1])
     elif kind == "multilabel":
         Y = np.asarray(y)
     else:
         raise ValueError(f"unknown task kind {kind!r}")
-    cols = per_column(Y, scores)
+    scores = np.asarray(scores, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != scores.shape:
+        raise ValueError(f"expected matching (n, L) matrices, got {Y.shape} and {scores.shape}")
+    cols = [_sk_binary(Y[:, c], scores[:, c]) for c in range(Y.shape[1])]
+    per = {m: np.array([c[m] for c in cols]) for m in ("auroc", "auprc")}
     out = {
-        "auroc": _nanmean(cols["auroc"]),
-        "auprc": _nanmean(cols["auprc"]),
-        "per_class": {"auroc": cols["auroc"].tolist(), "auprc": cols["auprc"].tolist()},
+        "auroc": _nanmean(per["auroc"]),
+        "auprc": _nanmean(per["auprc"]),
+        "per_class": {"auroc": per["auroc"].tolist(), "auprc": per["auprc"].tolist()},
     }
     if kind == "multilabel":
-        out["auroc_micro"] = binary_auroc(Y.ravel(), scores.ravel())
-        out["auprc_micro"] = binary_auprc(Y.ravel(), scores.ravel())
+        micro = _sk_binary(Y.ravel(), scores.ravel())
+        out["auroc_micro"], out["auprc_micro"] = micro["auroc"], micro["auprc"]
     return out
 
 
