@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from slidessl.models.bench import bench_attention, bench_encoder, encoder_step
+from slidessl.bench import bench_attention, bench_encoder, encoder_step
 from slidessl.models.encoder import build_encoder
 from slidessl.models.lse import set_lse_grad
 

@@ -166,8 +166,8 @@ def encoder_step(encoder, n, device, dt, grid_side, batch=1, cache=True):
         with torch.autocast(
             device.type, dtype=dt, enabled=dt != torch.float32, cache_enabled=cache
         ):
-            out = encoder.forward_features(x, coords)
-        (out["cls"].float().pow(2).mean() + out["tokens"].float().pow(2).mean()).backward()
+            cls, tokens = encoder.forward_tokens(x, coords)
+        (cls.float().pow(2).mean() + tokens.float().pow(2).mean()).backward()
 
     return run
 

@@ -109,7 +109,7 @@ def _device_dtype(args):
 
 
 def _attention(args) -> int:
-    from slidessl.models.bench import bench_attention
+    from slidessl.bench import bench_attention
 
     device, dtype = _device_dtype(args)
     _default(args, "n", "attention_n", device)
@@ -119,7 +119,7 @@ def _attention(args) -> int:
 
 
 def _encoder(args) -> int:
-    from slidessl.models.bench import bench_encoder
+    from slidessl.bench import bench_encoder
     from slidessl.models.lse import set_lse_grad
 
     set_lse_grad(args.lse_grad)
