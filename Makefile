@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 REFERENCE_PKGS ?= dinov2==0.0.1.dev2 torchscale-gml==0.2.3 einops==0.8.2
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# while iterating: everything but the end-to-end runs marked `slow` (make test runs all)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/slidessl demo --out $(DEMO_OUT)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from slidessl.cli import main
 
 
+@pytest.mark.slow
 def test_demo_compares_three_recipes_and_every_baseline(tmp_path, capsys):
     from slidessl.data.synthetic import make_cohort
 

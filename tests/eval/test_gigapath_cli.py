@@ -110,6 +110,7 @@ def _cohort(pg, tmp_path, seed, depth, width, slides):
 
 
 @pytest.mark.reference
+@pytest.mark.slow
 def test_cli_equals_published_pipeline_small_depth(tmp_path, published, seed):
     """3 layers x 128: slides of 1,024 (at origin), 2,500 and 4,096 tiles (offset by a few
     tiles and a fraction of one), rows sorted by tile name or in listdir order; every

@@ -57,6 +57,7 @@ def _config(manifest, out, batch, *extra):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     manifest = make_cohort(
         tmp_path / "cohort", n_slides=4, seed=5, dim=16, min_tiles=60, max_tiles=120
@@ -87,6 +88,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+@pytest.mark.slow
 def test_fsdp_resume_reproduces_uninterrupted_run(tmp_path):
     """Stop a 2-process FSDP run mid-epoch and resume it, every rank from its own shards:
     the same losses and the same exported teacher as a run that was never stopped (DDP

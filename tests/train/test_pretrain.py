@@ -50,6 +50,7 @@ def test_recipe_runs_and_exports_teacher(recipe, extra, tiny_cfg, cohort, tmp_pa
         assert "ibot_loss" in summary["loss_terms_last"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tiny_cfg, cohort, tmp_path):
     extra = [
         "train.batch_size=2",
@@ -77,6 +78,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_cfg, cohort, tmp_path):
     assert len(csv_rows) == 5  # header + 4 steps, no duplicates from the resumed part
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop(tiny_cfg, cohort, tmp_path, monkeypatch):
     real = SSLMetaArch.compute_loss
     calls = {"n": 0}
