@@ -95,8 +95,6 @@ VARIANTS.update(
             "regions:8,24",
             "stain",
         ),
-        "long-range, +MFP": (_LONG + ["mfp.loss_weight=1.0"], "regions:8,24", "objective"),
-        "+MFP": (["mfp.loss_weight=1.0"], "mean", "objective: + masked feature prediction (MAE)"),
     }
 )
 

@@ -155,35 +155,6 @@ def test_crops_are_centred_on_their_slide_mean(rng):
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
-def test_masked_feature_prediction_loss(rng):
-    """mfp: a linear decoder from each masked student token to its tile's input feature,
-    centred on the slide's mean and standardised over the masked tiles."""
-    from slidessl.ssl.meta import masked_feature_loss
-
-    cfg, arch, batch = _setup(rng, "dino", "mfp.loss_weight=2.0", "crops.mask_ratio=[0.3,0.5]")
-    assert "mfp_head" in arch.student and arch.student["backbone"].mask_token.requires_grad
-    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
-    g = batch["global"]
-    mask = g["ibot_mask"]
-    _, tokens = arch.student["backbone"].forward_tokens(
-        g["features"], g["coords"], g["padding_mask"], token_mask=mask
-    )
-    out = {"tokens": tokens}
-    target = (g["features"] - g["center"][:, None])[mask]
-    target = target / target.std(0, keepdim=True)
-    manual = ((arch.student["mfp_head"](out["tokens"][mask]) - target) ** 2).mean()
-    assert logs["mfp_loss"].item() == pytest.approx(manual.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(
-        (logs["dino_loss"] + 2.0 * logs["mfp_loss"]).item(), rel=1e-5
-    )
-    loss.backward()
-    assert arch.student["mfp_head"].weight.grad is not None
-    none = {**g, "ibot_mask": torch.zeros_like(mask)}
-    assert (
-        masked_feature_loss(arch.student["mfp_head"], out["tokens"], none, none["ibot_mask"]) == 0
-    )
-
-
 def test_cap_masked_keeps_at_most_cap_per_crop_inside_the_mask(rng):
     from slidessl.ssl.meta import cap_masked
 

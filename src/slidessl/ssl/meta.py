@@ -35,7 +35,7 @@ from slidessl.ssl.heads import DINOHead
 from slidessl.ssl.ibot_loss import head_in_chunks, iBOTPatchLoss
 from slidessl.ssl.koleo_loss import KoLeoLoss
 
-__all__ = ["SSLMetaArch", "cap_masked", "masked_feature_loss"]
+__all__ = ["SSLMetaArch", "cap_masked"]
 
 
 def _head(cfg: dict, in_dim: int) -> DINOHead:
@@ -59,23 +59,6 @@ def _freeze_prototype_norm(head: nn.Module) -> None:
     para = getattr(getattr(head, "last_layer", None), "parametrizations", None)
     if para is not None and hasattr(para.weight, "original0"):
         para.weight.original0.requires_grad_(False)
-
-
-def masked_feature_loss(head: nn.Module, tokens, crops: dict, mask) -> torch.Tensor:
-    """MAE-style target (He et al., 2022, on tile embeddings): the mean squared error between
-    ``head(token)`` and the tile's input feature at the masked positions, the feature
-    centred on its slide's mean (``crops["center"]``, when the batch has it) and divided by
-    the per-dimension std of the masked tiles (every dimension weighs alike); 0 when
-    nothing is masked."""
-    if mask is None or not bool(mask.any()):
-        return tokens.new_zeros((), dtype=torch.float32)
-    target = crops["features"]
-    if "center" in crops:
-        target = target - crops["center"].unsqueeze(1).to(target.dtype)
-    target = target[mask].float()
-    target = target / target.std(dim=0, keepdim=True).clamp_min(1e-6) if len(target) > 1 else target
-    pred = head(tokens[mask]).float()
-    return torch.mean((pred - target) ** 2)
 
 
 def cap_masked(mask: torch.Tensor, cap: int | None) -> torch.Tensor:
@@ -108,7 +91,6 @@ class SSLMetaArch(nn.Module):
         self.dino_weight = float(d["loss_weight"])
         self.ibot_weight = float(ib["loss_weight"])
         self.koleo_weight = float(ko["loss_weight"])
-        self.mfp_weight = float(cfg.get("mfp", {}).get("loss_weight", 0.0))
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
         # memory bounds of the masked-token heads (tokens x K logits): rows per head call,
         # masked tokens scored per crop
@@ -126,13 +108,11 @@ class SSLMetaArch(nn.Module):
         student = nn.ModuleDict({"backbone": backbone, "dino_head": _head(d, embed_dim)})
         if self.ibot_weight > 0 and ib["separate_head"]:
             student["ibot_head"] = _head(ib, embed_dim)
-        if self.mfp_weight > 0:  # masked feature prediction: token -> its input feature
-            student["mfp_head"] = nn.Linear(embed_dim, int(backbone.in_dim))
         for name, module in student.items():
             if name != "backbone":
                 _freeze_prototype_norm(module)
         mask_token = getattr(backbone, "mask_token", None)
-        if self.ibot_weight <= 0 and self.mfp_weight <= 0 and isinstance(mask_token, nn.Parameter):
+        if self.ibot_weight <= 0 and isinstance(mask_token, nn.Parameter):
             # no masking without iBOT: a parameter that never gets a gradient would make
             # DDP need find_unused_parameters (an extra graph walk every step)
             mask_token.requires_grad_(False)
@@ -212,11 +192,11 @@ class SSLMetaArch(nn.Module):
         n_terms = n_g * (n_g - 1) + n_g * n_l
         if n_terms == 0:
             raise ValueError("DINO needs 2 global crops or at least one local crop per slide")
-        masked = self.ibot_loss is not None or self.mfp_weight > 0
+        masked = self.ibot_loss is not None
         mask = g.get("ibot_mask") if masked else None
         if masked and mask is None:
             raise ValueError(
-                "ibot.loss_weight > 0 or mfp.loss_weight > 0 but the batch has no global "
+                "ibot.loss_weight > 0 but the batch has no global "
                 "ibot_mask (enable iBOT masking in the crops: section)"
             )
         logs: dict[str, torch.Tensor] = {}
@@ -282,10 +262,6 @@ class SSLMetaArch(nn.Module):
             )
             logs["ibot_loss"] = ibot.detach()
             total = total + self.ibot_weight * ibot
-        if self.mfp_weight > 0:
-            mfp = masked_feature_loss(self.student["mfp_head"], s_tokens, g, scored)
-            logs["mfp_loss"] = mfp.detach()
-            total = total + self.mfp_weight * mfp
         if self.koleo_loss is not None:
             if s_cls.shape[0] < 2 * n_g:
                 raise ValueError(

@@ -141,7 +141,6 @@ class PretrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
     koleo: WeightConfig = field(default_factory=WeightConfig)
-    mfp: WeightConfig = field(default_factory=WeightConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
