@@ -128,3 +128,15 @@ def test_bad_slide_is_skipped_and_counted(tiny_cfg, cohort, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_bad_slides"] == 1
     assert victim.stem in summary["skipped_slides"][0]["slide_id"]
+
+
+def test_progress_bar_in_a_log_file_is_throttled(tiny_cfg, cohort, tmp_path, capfd, monkeypatch):
+    """stderr not a terminal: the per-step postfix must not force a redraw per step."""
+    monkeypatch.setenv("SLIDESSL_PROGRESS_INTERVAL", "30")
+    cfg = _cfg(
+        tiny_cfg, "dino", cohort, tmp_path / "run", "train.max_steps=6", "train.progress=true"
+    )
+    pretrain(cfg)
+    err = capfd.readouterr().err
+    draws = err.count("pretrain:")
+    assert 1 <= draws <= 3, err[-2000:]  # first draw, maybe one on the way, the final one

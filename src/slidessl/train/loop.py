@@ -195,13 +195,14 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                     row = _log_row(step, epoch, res, sched, timing, arch, monitor, window)
                     writer.write(row)
                     stats.last_monitors = dict(monitor.last)
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # the postfix must not force a redraw (log files)
                     bar.set_postfix(
                         loss=f"{res.get('loss', float('nan')):.4f}",
                         lr=f"{sched['lr']:.2e}",
                         slides_s=f"{res['slides'] / max(step_time, 1e-9):.2f}",
+                        refresh=False,
                     )
+                    bar.update(1)
                 if (ctx.is_main or fsdp) and (
                     ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
                 ):
