@@ -26,6 +26,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable slides")
     p.add_argument(
+        "--maps",
+        type=int,
+        default=3,
+        help="slides whose attention / PCA maps are stored beside OUT as OUT.maps.npz, for "
+        "slidessl report (3; 0: none; encoders with attention blocks only)",
+    )
+    p.add_argument(
         "--gigapath-extrapolate",
         action="store_true",
         help="gigapath:PATH: continue the sin-cos position table past Prov-GigaPath's 1000 x "
@@ -71,9 +78,6 @@ def register(sub) -> None:
 
     p = sub.add_parser("report", help="report.md + report.json + plots of an evaluation run")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--encoder", help="encoder for slide maps (default: from RUN_DIR/run.json)")
-    p.add_argument("--manifest", help="manifest for slide maps (default: from run.json)")
-    p.add_argument("--maps", type=int, default=3, help="slides to map (3)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -159,6 +163,7 @@ def cmd_embed(args) -> int:
         args.seed,
         "skip" if args.skip_bad else "error",
         gigapath_extrapolate=args.gigapath_extrapolate,
+        maps=args.maps,
     )
     print(f"embedded {s['written']} slides ({s['skipped_existing']} already there) -> {s['out']}")
     for sid, why in s["bad_slides"]:
@@ -246,7 +251,7 @@ def cmd_retrieve(args) -> int:
 def cmd_report(args) -> int:
     from slidessl.eval.report import make_report
 
-    path = make_report(args.run_dir, encoder=args.encoder, manifest=args.manifest, n_maps=args.maps)
+    path = make_report(args.run_dir)
     print(f"report: {path}")
     return 0
 

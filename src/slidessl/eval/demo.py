@@ -69,6 +69,7 @@ def _embed_all(args, teachers: dict, items: list, feature_dim: int, cap: int, ou
 
     from slidessl.eval.embed import build_embedder, embed_items
     from slidessl.eval.embed_io import EmbeddingWriter
+    from slidessl.eval.maps import pick_map_items, write_maps
     from slidessl.eval.prototypes import PrototypeEmbedder
 
     specs = {name: str(t) for name, t in teachers.items()}
@@ -111,6 +112,9 @@ def _embed_all(args, teachers: dict, items: list, feature_dim: int, cap: int, ou
         with EmbeddingWriter(path, attrs) as w:
             w.write(ids, vecs)
         emb[name] = (ids, vecs.astype(np.float32))
+    # slide maps of the first recipe's teacher, for the report (which runs no model)
+    focus = next(iter(teachers))
+    write_maps(out / "embeddings" / f"{focus}.maps.npz", built[focus][0], pick_map_items(items, 3))
     if args.gigapath:
         from slidessl.eval.embed import run_embed
         from slidessl.eval.embed_io import read_embeddings
@@ -273,7 +277,7 @@ def run_demo(args) -> int:
         "timings": timings,
     }
     (out / "run.json").write_text(json.dumps(meta, indent=1))
-    report = make_report(out, n_maps=3, max_tiles=cap)
+    report = make_report(out)
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
     meta["timings"] = timings

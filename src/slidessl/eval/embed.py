@@ -241,8 +241,11 @@ def run_embed(
     on_bad_slide: str = "error",
     progress: bool = True,
     gigapath_extrapolate: bool = False,
+    maps: int = 0,
 ) -> dict:
-    """Embed every slide of ``manifest`` into ``out``; returns a summary dict."""
+    """Embed every slide of ``manifest`` into ``out``; returns a summary dict. With ``maps``
+    > 0, that many slides' attention / PCA maps are stored in ``OUT.maps.npz`` (what
+    ``slidessl report`` draws; encoders with attention blocks only)."""
     if encoder_spec.startswith("gigapath:"):
         from slidessl.eval.gigapath_embed import run_gigapath_embed
 
@@ -313,4 +316,16 @@ def run_embed(
         bar.close()
     summary["bad_slides"] = list(ds.skipped)
     summary["dim"] = int(vecs.shape[1]) if summary["written"] else None
+    if maps > 0 and summary["written"]:
+        from slidessl.eval.maps import pick_map_items, write_maps
+
+        picked = [ds[i] for i in pick_map_items(list(range(len(ds))), maps)]
+        written = write_maps(maps_path(out), encoder, [it for it in picked if it is not None])
+        summary["maps"] = None if written is None else str(written)
     return summary
+
+
+def maps_path(out: str | Path) -> Path:
+    """Where the slide maps of embeddings file ``out`` go: ``OUT.maps.npz`` beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".maps.npz")

@@ -17,6 +17,7 @@ Two maps per slide:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,16 +69,77 @@ def raster(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def save_slide_maps(encoder, item: dict, path, title: str = "") -> dict:
-    """Write one PNG (attention | PCA) for a slide dict; returns summary numbers."""
+def map_data(encoder, item: dict) -> dict:
+    """What a slide map draws, for one slide dict: ``{"slide_id", "grid" (N, 2),
+    "attention" (N,) summing to 1, "rgb" (N, 3) in [0, 1]}``."""
+    attn, tokens = cls_attention(encoder, item["features"], item["grid"])
+    return {
+        "slide_id": item["slide_id"],
+        "grid": np.asarray(item["grid"], dtype=np.int64),
+        "attention": attn.astype(np.float32),
+        "rgb": pca_rgb(tokens).astype(np.float32),
+    }
+
+
+def pick_map_items(items: list, n: int) -> list:
+    """``n`` slides spread evenly over ``items`` (the first, the last, between)."""
+    if n <= 0 or not items:
+        return []
+    picks = np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))
+    return [items[int(i)] for i in picks]
+
+
+def write_maps(path, encoder, items: list) -> Path | None:
+    """Compute the maps of ``items`` with ``encoder`` and store them in ``path`` (``.npz``,
+    written atomically); None (nothing written) for an encoder without attention blocks
+    (mean pooling, prototypes)."""
+    from slidessl.atomic import atomic_write
+    from slidessl.eval.embed_io import _key
+
+    if not items or not getattr(encoder, "blocks", None):
+        return None
+    arrays = {}
+    for item in items:
+        data = map_data(encoder, item)
+        key = _key(data["slide_id"])
+        for name in ("grid", "attention", "rgb"):
+            arrays[f"{key}.{name}"] = data[name]
+    path = Path(path)
+
+    def write(f):
+        np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return path
+
+
+def read_maps(path) -> list[dict]:
+    """The maps stored by :func:`write_maps`, in the order written."""
+    from slidessl.eval.embed_io import _unkey
+
+    with np.load(path) as f:
+        names = list(f.files)
+        keys = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+        return [
+            {
+                "slide_id": _unkey(k),
+                "grid": f[f"{k}.grid"],
+                "attention": f[f"{k}.attention"],
+                "rgb": f[f"{k}.rgb"],
+            }
+            for k in keys
+        ]
+
+
+def save_slide_map(data: dict, path, title: str = "") -> dict:
+    """Write one PNG (attention | PCA) from :func:`map_data` output; returns summary numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attn, tokens = cls_attention(encoder, item["features"], item["grid"])
-    grid = item["grid"].numpy()
-    rgb = raster(grid, pca_rgb(tokens))
+    attn, grid = np.asarray(data["attention"], dtype=np.float64), data["grid"]
+    rgb = raster(grid, data["rgb"])
     att = raster(grid, attn * len(attn))[..., 0]  # 1 = uniform attention
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     im = axes[0].imshow(att, cmap="magma", interpolation="nearest")
@@ -87,13 +149,13 @@ def save_slide_maps(encoder, item: dict, path, title: str = "") -> dict:
     axes[1].set_title("PCA of token embeddings (RGB)")
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(title or item["slide_id"])
+    fig.suptitle(title or data["slide_id"])
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     ent = float(-(attn * np.log(np.maximum(attn, 1e-30))).sum() / math.log(max(len(attn), 2)))
     return {
-        "slide_id": item["slide_id"],
+        "slide_id": data["slide_id"],
         "path": str(path),
         "n_tiles": len(attn),
         "attention_entropy_norm": ent,

@@ -1,8 +1,9 @@
 """``slidessl report RUN_DIR``: one page that says how the methods compare, with spread.
 
 Reads every ``metrics.json`` (probe / ABMIL) and ``retrieval.json`` under RUN_DIR, the
-pretraining run's ``metrics.csv`` when there is one, and ``RUN_DIR/run.json`` (written by
-``slidessl demo``: manifest, encoder, the method to judge) for slide maps and the verdict.
+pretraining run's ``metrics.csv`` when there is one, the slide maps stored beside embeddings
+(``*.maps.npz``) and ``RUN_DIR/run.json`` (written by ``slidessl demo``: the method to judge)
+for the verdict. It runs no model.
 Writes ``report.md``, ``report.json`` (``{"results": [{"method", "task", "auroc_mean",
 "auroc_std", "auprc_mean", "auprc_std", ...}], ...}``) and PNGs under ``RUN_DIR/figures``.
 """
@@ -211,19 +212,19 @@ def plot_training(csv_path: Path, fig_dir: Path) -> str | None:
     return str(path)
 
 
-def slide_maps(encoder_path, manifest_path, fig_dir: Path, n: int, max_tiles: int) -> list[dict]:
-    from slidessl import load_encoder
-    from slidessl.data.dataset import SlideDataset
-    from slidessl.eval.maps import save_slide_maps
+def slide_maps(run_dir: Path, fig_dir: Path) -> list[dict]:
+    """PNGs of the slide maps stored under ``run_dir`` (``*.maps.npz``, written by
+    ``slidessl embed --maps`` and ``slidessl demo`` while they ran the encoder): the report
+    plots what was stored and runs no model."""
+    from slidessl.eval.maps import read_maps, save_slide_map
 
-    encoder = load_encoder(encoder_path)
-    ds = SlideDataset(manifest_path, max_tiles=max_tiles, on_bad_slide="skip")
-    picks = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))
     out = []
-    for i in picks:
-        item = ds[int(i)]
-        if item is not None:
-            out.append(save_slide_maps(encoder, item, fig_dir / f"map_{item['slide_id']}.png"))
+    for path in sorted(run_dir.rglob("*.maps.npz")):
+        stem = path.name[: -len(".maps.npz")]
+        for data in read_maps(path):
+            safe = data["slide_id"].replace("/", "_")
+            png = fig_dir / f"map_{stem}_{safe}.png"
+            out.append({"method": stem, **save_slide_map(data, png, f"{stem}: {data['slide_id']}")})
     return out
 
 
@@ -253,7 +254,7 @@ def _clean(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles: int = 4096):
+def make_report(run_dir):
     """Write ``report.md`` / ``report.json`` / figures for ``run_dir``; returns report.md."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -267,9 +268,7 @@ def make_report(run_dir, encoder=None, manifest=None, n_maps: int = 3, max_tiles
     curves = plot_curves(pred_files, fig_dir)
     csvs = sorted(run_dir.rglob("metrics.csv"))
     training = plot_training(csvs[0], fig_dir) if csvs else None
-    encoder = encoder or meta.get("encoder")
-    manifest = manifest or meta.get("manifest")
-    maps = slide_maps(encoder, manifest, fig_dir, n_maps, max_tiles) if encoder and manifest else []
+    maps = slide_maps(run_dir, fig_dir)
     retrieval = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("retrieval.json"))]
     diagnoses = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("diagnose.json"))]
     focus = meta.get("focus")
