@@ -44,3 +44,26 @@ def test_abmil_learns_a_planted_needle(rng):
     mean_x = np.stack([feats[f"s{i}"][:, :2].mean(0).numpy() for i in range(n)])
     mean_auc = max(binary_auroc(y, mean_x[:, 0]), binary_auroc(y, mean_x[:, 1]))
     assert mean_auc < 0.75
+
+
+def test_abmil_scores_do_not_depend_on_the_thread_count(rng):
+    """Trainings on two threads draw weights and dropout from streams of their own: the
+    scores equal those of one thread, run after run."""
+    n, d = 40, 6
+    y = np.r_[0, 1, (rng.random(n - 2) < 0.5).astype(int)]
+    feats = {
+        f"s{i}": torch.as_tensor(rng.standard_normal((int(rng.integers(10, 30)), d)) + y[i],
+                                 dtype=torch.float32)
+        for i in range(n)
+    }  # fmt: skip
+    tasks = [
+        Task(name, "binary", [name], ["0", "1"], list(feats), [f"p{i}" for i in range(n)], y)
+        for name in ("a", "b")
+    ]
+    folds = [make_folds(t, k=2, seed=0) for t in tasks]
+    cfg = ABMILConfig(epochs=3, batch_size=4, train_tiles=8, proj_dim=8, attn_dim=4, seed=3)
+    one = run_abmil(feats, tasks, folds, cfg, progress=False, n_jobs=1)[2]
+    for _ in range(2):
+        two = run_abmil(feats, tasks, folds, cfg, progress=False, n_jobs=2)[2]
+        for a, b in zip(one, two):
+            np.testing.assert_array_equal(a, b)

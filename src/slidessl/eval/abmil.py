@@ -98,8 +98,7 @@ def train_fold(
 ) -> tuple[np.ndarray, dict]:
     """Train on ``train`` (indices; an inner split of it for early stopping), score ``test``."""
     target, n_out = _targets(task)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # tile subsets
     groups = np.asarray(task.patient_ids)[train]
     if task.kind == "multilabel":
         key = np.unique(task.y[train], axis=0, return_inverse=True)[1].reshape(-1)
@@ -107,7 +106,11 @@ def train_fold(
         key = task.y[train]
     inner = grouped_stratified_split(key, groups, cfg.val_fraction_folds, cfg.seed)
     val, fit = train[inner == 0], train[inner != 0]
-    model = GatedABMIL(feats[0].shape[1], n_out, cfg.proj_dim, cfg.attn_dim, cfg.dropout)
+    # weights and dropout from a stream of this training's own: reproducible on any thread
+    model_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    model = GatedABMIL(
+        feats[0].shape[1], n_out, cfg.proj_dim, cfg.attn_dim, cfg.dropout, generator=model_gen
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, bad, history = float("inf"), None, 0, []
     rng = np.random.default_rng(cfg.seed)
@@ -149,8 +152,9 @@ def run_abmil(
     """ABMIL for every task and fold; ``features`` maps slide id -> (n, D) tiles.
 
     With ``n_jobs > 1`` the (task, fold) trainings run on that many threads, each with one
-    intra-op torch thread (robust on shared CPUs; dropout draws then interleave, so results
-    are not bit-reproducible). Returns ``(tasks, folds, scores, fold_logs)`` restricted to
+    intra-op torch thread (robust on shared CPUs); each training draws its weights and
+    dropout masks from a generator of its own, so results do not depend on ``n_jobs``.
+    Returns ``(tasks, folds, scores, fold_logs)`` restricted to
     slides with features.
     """
     from concurrent.futures import ThreadPoolExecutor

@@ -15,11 +15,31 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
+class _Dropout(nn.Module):
+    """Inverted dropout whose masks come from ``generator`` (the global RNG when None), so
+    that models trained on several threads at once each draw their own stream."""
+
+    def __init__(self, p: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.p, self.generator = float(p), generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
 class GatedABMIL(nn.Module):
+    """``generator``: the initial weights and every dropout mask are drawn from it (PyTorch's
+    default ``nn.Linear`` init), so a training is reproducible whatever runs beside it."""
+
     def __init__(
         self,
         in_dim: int,
@@ -27,17 +47,25 @@ class GatedABMIL(nn.Module):
         proj_dim: int = 512,
         attn_dim: int = 256,
         dropout: float = 0.25,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         if in_dim < 1 or n_outputs < 1:
             raise ValueError(f"in_dim and n_outputs must be >= 1, got {in_dim}, {n_outputs}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
-        self.proj = nn.Sequential(nn.Linear(in_dim, proj_dim), nn.ReLU(), nn.Dropout(dropout))
+        drop = _Dropout(dropout, generator)
+        self.proj = nn.Sequential(nn.Linear(in_dim, proj_dim), nn.ReLU(), drop)
         self.attn_v = nn.Linear(proj_dim, attn_dim)
         self.attn_u = nn.Linear(proj_dim, attn_dim)
         self.attn_w = nn.Linear(attn_dim, 1)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = _Dropout(dropout, generator)
         self.head = nn.Linear(proj_dim, n_outputs)
+        if generator is not None:
+            for m in self.modules():
+                if isinstance(m, nn.Linear):  # nn.Linear.reset_parameters, from the generator
+                    nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1.0 / math.sqrt(m.in_features)
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor, padding_mask=None, return_attention: bool = False):
         """``x`` (B, N, D), ``padding_mask`` (B, N) bool True = padding -> logits (B, C)."""
