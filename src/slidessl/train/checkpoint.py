@@ -29,10 +29,19 @@ __all__ = [
     "restore_rng_state",
     "restore_train_state",
     "save_checkpoint",
+    "seed_everything",
     "worker_seed",
 ]
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's legacy and torch's global generators (the run's start; a
+    resumed run then restores the saved states, :func:`restore_rng_state`)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - legacy global state, seeded too
+    torch.manual_seed(seed)
 
 
 def worker_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:

@@ -13,11 +13,9 @@ resumed run reproduces the losses and final weights of an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from slidessl.train import checkpoint as ckpt_io
@@ -38,12 +36,6 @@ from slidessl.train.summary import RunStats, export_teacher, write_summary
 __all__ = ["pretrain"]
 
 log = logging.getLogger(__name__)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - legacy global state, seeded too
-    torch.manual_seed(seed)
 
 
 def pretrain(cfg: dict, resume: bool = False) -> Path:
@@ -72,7 +64,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     seed = cfg["seed"]
-    _seed_everything(seed)
+    ckpt_io.seed_everything(seed)
 
     slides = build_slide_dataset(cfg)
     crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed)
