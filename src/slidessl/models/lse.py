@@ -240,10 +240,11 @@ class _PackedKernelLse(torch.autograd.Function):
     ``qkv`` (R, 3, D) holds the rows of every block back to back; block ``i`` is
     ``(start, batch, heads, rows, bias)``. Forward: one fused kernel call per block;
     returns ``out`` (R, D) and ``lse`` (R,). Backward: the LSE correction of the module
-    docstring on all R rows at once, then one fused backward call per block and one
-    (R, 3, D) gradient. Where a row's ``|dO|^2 < 1e-30`` its LSE term is dropped: in the
-    branch combine of dilated attention ``|dL/dlse| <= |dO| |o - result|``, so the term
-    dropped there is below 1e-15 of the output scale (no host sync for a check).)"""
+    docstring on all R rows at once, then one fused backward call per block, each writing
+    into its rows of one (R, 3, D) gradient. Where a row's ``|dO|^2 < 1e-30`` its LSE term
+    is dropped: in the branch combine of dilated attention ``|dL/dlse| <= |dO| |o -
+    result|``, so the term dropped there is below 1e-15 of the output scale (no host sync
+    for a check).)"""
 
     @staticmethod
     def forward(ctx, qkv, blocks, scale):
@@ -284,7 +285,9 @@ class _PackedKernelLse(torch.autograd.Function):
                 shift = torch.where(norm2 > 1e-30, g / norm2.clamp_min(1e-30), 0.0)
                 out_c = out - (shift.unsqueeze(-1) * d_acc).to(out.dtype)
                 g = None
-        grads = ([], [], [])
+        # each block's gradients go straight into their rows of one (R, 3, D) buffer
+        sizes = sum(bs * h * rows for _, bs, h, rows, _ in ctx.blocks)
+        d_qkv = torch.empty_like(qkv) if sizes == qkv.shape[0] else torch.zeros_like(qkv)
         for (start, bs, h, rows, bias), lse, aux in zip(ctx.blocks, raws, ctx.auxes):
             size = bs * h * rows
             sl = slice(start, start + size)
@@ -297,9 +300,7 @@ class _PackedKernelLse(torch.autograd.Function):
                 o = out[sl].view(bs, h, rows, d)
                 gb = g[sl].view(bs, h, rows)
                 dq, dk, dv = _extra_dim_backward(do, q, k, v, bias, o, lse, aux, ctx.scale, gb)
-            for acc_list, t in zip(grads, (dq, dk, dv)):
-                acc_list.append(t.reshape(size, d))
-        d_qkv = torch.stack([torch.cat(t) if len(t) > 1 else t[0] for t in grads], dim=1)
+            torch.stack([t.reshape(size, d) for t in (dq, dk, dv)], dim=1, out=d_qkv[sl])
         return d_qkv, None, None
 
 
