@@ -16,11 +16,14 @@ import numpy as np
 from slidessl.atomic import atomic_write
 
 
-def _key(slide_id: str) -> str:
+def slide_key(slide_id: str) -> str:
+    """A slide id as a key of a file's flat namespace (HDF5 names, npz entries): ``/`` and
+    ``%`` escaped."""
     return slide_id.replace("%", "%25").replace("/", "%2F")
 
 
-def _unkey(key: str) -> str:
+def slide_from_key(key: str) -> str:
+    """The slide id behind :func:`slide_key`."""
     return key.replace("%2F", "/").replace("%25", "%")
 
 
@@ -56,7 +59,7 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
                 raise ValueError(f"{path}: no 'embeddings' group (not a slidessl embeddings file)")
             grp = f["embeddings"]
             keys = sorted(grp.keys())
-            ids = [_unkey(k) for k in keys]
+            ids = [slide_from_key(k) for k in keys]
             vecs = [np.asarray(grp[k][()], dtype=np.float32) for k in keys]
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except OSError as exc:
@@ -109,7 +112,7 @@ class EmbeddingWriter:
             return
         grp = self._h5["embeddings"]
         for sid, vec in zip(slide_ids, vectors):
-            key = _key(sid)
+            key = slide_key(sid)
             if key in grp:
                 del grp[key]
             grp.create_dataset(key, data=vec)

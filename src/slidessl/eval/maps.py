@@ -94,14 +94,14 @@ def write_maps(path, encoder, items: list) -> Path | None:
     written atomically); None (nothing written) for an encoder without attention blocks
     (mean pooling, prototypes)."""
     from slidessl.atomic import atomic_write
-    from slidessl.eval.embed_io import _key
+    from slidessl.eval.embed_io import slide_key
 
     if not items or not getattr(encoder, "blocks", None):
         return None
     arrays = {}
     for item in items:
         data = map_data(encoder, item)
-        key = _key(data["slide_id"])
+        key = slide_key(data["slide_id"])
         for name in ("grid", "attention", "rgb"):
             arrays[f"{key}.{name}"] = data[name]
     path = Path(path)
@@ -115,14 +115,14 @@ def write_maps(path, encoder, items: list) -> Path | None:
 
 def read_maps(path) -> list[dict]:
     """The maps stored by :func:`write_maps`, in the order written."""
-    from slidessl.eval.embed_io import _unkey
+    from slidessl.eval.embed_io import slide_from_key
 
     with np.load(path) as f:
         names = list(f.files)
         keys = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
         return [
             {
-                "slide_id": _unkey(k),
+                "slide_id": slide_from_key(k),
                 "grid": f[f"{k}.grid"],
                 "attention": f[f"{k}.attention"],
                 "rgb": f[f"{k}.rgb"],

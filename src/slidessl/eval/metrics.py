@@ -75,12 +75,8 @@ def _sk_binary(y, s) -> dict[str, float]:
     """scikit-learn's AUROC / AP of one score vector; ``nan`` without both classes."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    y = (np.asarray(y) > 0).astype(int)
-    s = np.asarray(s, dtype=np.float64)
-    if y.shape != s.shape:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or inf")
+    y, s, _ = _as_2d(y, s)  # the same checks as the vectorised metrics
+    y, s = y[0].astype(int), s[0]
     pos = int(y.sum())
     auroc = roc_auc_score(y, s) if 0 < pos < len(y) else float("nan")
     auprc = average_precision_score(y, s) if pos > 0 else float("nan")

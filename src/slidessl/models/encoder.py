@@ -283,11 +283,7 @@ class SlideEncoder(nn.Module):
         del pre_logits
         if self.config["pool"] == "cls":
             return x[:, 0]
-        tok = x[:, 1:]
-        if padding_mask is None:
-            return self.norm(tok.mean(dim=1))
-        keep = (~padding_mask).unsqueeze(-1).to(tok.dtype)
-        return self.norm((tok * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+        return self.norm(_masked_mean(x[:, 1:], padding_mask)[:, 0])
 
     def forward_intermediates(
         self,
