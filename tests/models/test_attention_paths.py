@@ -86,3 +86,62 @@ def test_no_sort_based_indexing_and_exact(n, h):
     exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
     for a, e in zip(got, exp):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("exact_grad", [True, False])
+@pytest.mark.parametrize(
+    "lengths,h,segs,dils",
+    [
+        ((37, 100, 5, 64, 1), 4, [16, 64], [1, 2]),
+        ((257, 129, 33), 6, [32, 128, 512], [1, 2, 4]),
+        ((8, 8, 8), 4, [8], [1]),
+    ],
+)
+def test_varlen_stream_equals_each_sequence_alone(rng, lengths, h, segs, dils, exact_grad):
+    """Several sequences back to back in one (1, T) stream: each one's output and the
+    gradients of q, k and v equal those of the sequence run alone (float64), with one
+    attention plan for the whole stream."""
+    d = 8
+    t = sum(lengths)
+    qkv = torch.randn(1, t, h, 3, d, dtype=torch.float64, requires_grad=True)
+    out = attention_mod.dilated_attention_qkv(
+        qkv, segs, dils, exact_grad=exact_grad, lengths=lengths
+    )
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * g).sum(), qkv)
+    start = 0
+    for n in lengths:
+        part = qkv[:, start : start + n].detach().requires_grad_(True)
+        alone = attention_mod.dilated_attention_qkv(part, segs, dils, exact_grad=exact_grad)
+        torch.testing.assert_close(out[:, start : start + n], alone, rtol=1e-9, atol=1e-10)
+        (exp,) = torch.autograd.grad((alone * g[:, start : start + n]).sum(), part)
+        torch.testing.assert_close(grad[:, start : start + n], exp, rtol=1e-8, atol=1e-10)
+        start += n
+    if exact_grad:  # and the float64 reference, sequence by sequence
+        q, k, v = qkv.detach().unbind(3)
+        start = 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            ref = reference_dilated_attention(q[:, sl], k[:, sl], v[:, sl], segs, dils)
+            torch.testing.assert_close(out[:, sl], ref, rtol=1e-9, atol=1e-10)
+            start += n
+
+
+def test_varlen_plan_shares_one_call_per_segment_length():
+    """Two sequences of the same length run in the classes of one: the kernel calls per
+    layer do not grow with the number of crops."""
+    one = attention_mod._plan_varlen((300,), 4, [64, 256], [1, 2], "cpu")
+    many = attention_mod._plan_varlen((300,) * 5 + (300,), 4, [64, 256], [1, 2], "cpu")
+    assert [c[0] for c in many.classes] == [c[0] for c in one.classes]
+    assert [c[1] for c in many.classes] == [6 * c[1] for c in one.classes]
+
+
+@pytest.mark.parametrize(
+    "lengths,shape,mask",
+    [((3, 4), (1, 8), None), ((0, 7), (1, 7), None), ((3, 4), (2, 7), None), ((7,), (1, 7), "m")],
+)
+def test_varlen_rejects_bad_layouts(lengths, shape, mask):
+    qkv = torch.randn(*shape, 2, 3, 4)
+    pm = None if mask is None else torch.zeros(shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match="varlen attention"):
+        attention_mod.dilated_attention_qkv(qkv, [4], [1], padding_mask=pm, lengths=lengths)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slidessl.models import PRESETS, SlideEncoder, build_encoder
+from slidessl.models.encoder import pack_padded
 
 
 def _inputs(b, n, d, grid=60):
@@ -196,3 +197,66 @@ def test_cuda_encoder_matches_cpu_and_pads():
             alone = gpu.forward_tokens(x[1:, :700].cuda(), c[1:, :700].cuda())[0]
     assert (out - ref).norm() / ref.norm() < 0.05
     assert (out[1] - alone[0].float().cpu()).norm() / out[1].norm() < 0.05
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("tiny", {}),
+        ("tiny", {"attention": "dense"}),
+        ("tiny", {"input_center": True, "segments": (16, 64), "dilations": (1, 2)}),
+        ("gigapath", {"depth": 2, "in_dim": 32, "embed_dim": 64, "num_heads": 4, "mlp_dim": 64}),
+    ],
+)
+def test_forward_packed_equals_each_input_alone(rng, preset, overrides):
+    """Inputs of different lengths packed into one stream (one CLS each): the CLS and tile
+    tokens, and the gradients of every parameter, equal the padded batch's (float64)."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    enc = build_encoder(preset, drop_path_rate=0.0, **overrides).double().train()
+    lengths = [int(n) for n in rng.integers(1, 120, size=4)] + [0]
+    b, n = len(lengths), max(lengths)
+    pm = torch.arange(n)[None] >= torch.tensor(lengths)[:, None]
+    x = torch.randn(b, n, enc.in_dim, dtype=torch.float64).masked_fill(pm[..., None], 0.0)
+    coords = torch.randint(0, 60, (b, n, 2))
+    tmask = (torch.rand(b, n) < 0.3) & ~pm
+    cls, tokens = enc.forward_tokens(x, coords, pm, token_mask=tmask)
+    g_cls, g_tok = torch.randn_like(cls), torch.randn_like(tokens)
+    loss = (cls * g_cls).sum() + (tokens * g_tok).masked_fill(pm[..., None], 0).sum()
+    ref = torch.autograd.grad(loss, list(enc.parameters()), allow_unused=True)
+    p_cls, p_tok = enc.forward_packed(
+        pack_padded(x, lengths), pack_padded(coords, lengths), lengths, pack_padded(tmask, lengths)
+    )
+    torch.testing.assert_close(p_cls, cls, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(p_tok, pack_padded(tokens, lengths), rtol=1e-10, atol=1e-12)
+    loss = (p_cls * g_cls).sum() + (p_tok * pack_padded(g_tok, lengths)).sum()
+    got = torch.autograd.grad(loss, list(enc.parameters()), allow_unused=True)
+    for (name, _), a, e in zip(enc.named_parameters(), got, ref):
+        if e is None:
+            assert a is None or not a.any(), name
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_packed_drop_path_keeps_or_drops_whole_inputs(rng):
+    """Drop-path on a packed stream draws once per input: each input's residual branch is
+    all kept (scaled) or all dropped."""
+    from slidessl.models.blocks import DropPath
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    lengths = [5, 9, 3, 7, 11, 4]
+    y = torch.ones(1, sum(lengths), 2)
+    out = DropPath(0.5).train()(y, lengths)
+    for part in out[0].split(lengths):
+        assert torch.all(part == part[0, 0]) and float(part[0, 0]) in (0.0, 2.0)
+
+
+def test_forward_packed_rejects_bad_shapes():
+    enc = build_encoder("tiny", in_dim=8)
+    with pytest.raises(ValueError, match="T = sum"):
+        enc.forward_packed(torch.zeros(5, 8), torch.zeros(5, 2, dtype=torch.long), [2, 2])
+    with pytest.raises(ValueError, match="token_mask"):
+        enc.forward_packed(
+            torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.long), [2, 2], torch.zeros(4)
+        )
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_padded(torch.zeros(2, 3), [4, 1])

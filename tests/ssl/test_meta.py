@@ -175,7 +175,10 @@ def test_head_chunking_changes_no_loss_or_gradient(rng):
     cfg, arch, batch = _setup(rng, "dinov2", "crops.mask_ratio=[0.3,0.5]", "ibot.chunk_tokens=null")
     arch.double()  # float64: the chunked and the one-call sums agree to rounding
     batch = {
-        k: {n: t.double() if t.is_floating_point() else t for n, t in v.items()}
+        k: {
+            n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+            for n, t in v.items()
+        }
         if isinstance(v, dict)
         else v
         for k, v in batch.items()
@@ -202,3 +205,62 @@ def test_masked_cap_scores_fewer_tokens(rng):
     assert arch.max_masked == 2
     loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
     assert torch.isfinite(loss) and logs["ibot_loss"] > 0
+
+
+def _double(batch):
+    return {
+        k: {
+            n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+            for n, t in v.items()
+        }
+        if isinstance(v, dict)
+        else v
+        for k, v in batch.items()
+    }
+
+
+@pytest.mark.parametrize("recipe", ["dino", "dinov2"])
+def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe):
+    """train.pack_crops runs every crop of the micro-batch (globals and locals of all
+    slides) as one packed stream per encoder: loss terms and student gradients equal the
+    padded per-batch calls (float64), and the student encoder is called once."""
+    extra = ["crops.n_local=3"] + (["crops.mask_ratio=[0.3,0.5]"] if recipe == "dinov2" else [])
+    cfg, arch, batch = _setup(rng, recipe, *extra, n_slides=3)
+    arch.double()
+    batch = _double(batch)
+    assert arch.pack_crops and len(set(batch["global"]["lengths"] + batch["local"]["lengths"])) > 1
+    calls = []
+    backbone = arch.student["backbone"]
+    for name in ("forward_packed", "forward_tokens"):
+        orig = getattr(backbone, name)
+        setattr(
+            backbone, name, lambda *a, _n=name, _f=orig, **k: (calls.append(_n), _f(*a, **k))[1]
+        )
+    state = torch.get_rng_state()
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
+    loss.backward()
+    assert calls == ["forward_packed"]
+    ref = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+    arch.zero_grad(set_to_none=True)
+    arch.discard_pending_centers()
+    arch.pack_crops = False
+    torch.set_rng_state(state)
+    loss2, logs2 = arch.compute_loss(batch, teacher_temp=0.05)
+    loss2.backward()
+    assert calls == ["forward_packed", "forward_tokens", "forward_tokens"]
+    assert set(logs) == set(logs2)
+    for key in logs:
+        torch.testing.assert_close(logs2[key], logs[key], rtol=1e-10, atol=1e-12)
+    assert set(ref) == {n for n, p in arch.student.named_parameters() if p.grad is not None}
+    for name, p in arch.student.named_parameters():
+        if name in ref:
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-8, atol=1e-10)
+
+
+def test_packing_falls_back_for_grid_encoders(rng):
+    """Encoders with a grid convolution or neighbourhood blocks take padded calls."""
+    cfg = load_config("dino", [*TINY])
+    arch = SSLMetaArch(cfg, backbone=build_encoder("tiny", in_dim=8, grid_context=3))
+    assert not arch.pack_crops
+    with pytest.raises(ValueError, match="forward_packed needs"):
+        arch.student["backbone"].forward_packed(torch.zeros(2, 8), torch.zeros(2, 2), [2])

@@ -32,7 +32,8 @@ def pad_crops(
     with_mask: bool = False,
 ) -> dict:
     """Stack crops ``{"features" (n, D), "coords" (n, 2)[, "ibot_mask" (n,), "center" (D,)]}``
-    with padding (``center``, the crop's slide mean, is stacked when every crop has one)."""
+    with padding (``center``, the crop's slide mean, is stacked when every crop has one);
+    ``lengths`` lists each row's real tiles."""
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     dims = {int(c["features"].shape[1]) for c in crops}
@@ -49,6 +50,8 @@ def pad_crops(
         "features": torch.empty(b, length, d, dtype=dtype),  # padding zeroed below
         "coords": torch.zeros(b, length, 2, dtype=torch.long),
         "padding_mask": torch.ones(b, length, dtype=torch.bool),
+        # real tiles per row, as ints: what a packed (varlen) encoder call needs, no sync
+        "lengths": [len(c["features"]) for c in crops],
     }
     if with_mask:
         out["ibot_mask"] = torch.zeros(b, length, dtype=torch.bool)

@@ -143,29 +143,32 @@ def _pieces(n: int, segment: int) -> list[tuple[int, int, int]]:
 
 
 class _Plan(NamedTuple):
-    """Precomputed indices of every branch of one ``(B, N, H, segments, dilations)``.
+    """Precomputed indices of every branch over a set of sequences: the ``B`` rows of a
+    padded ``(B, N)`` batch, or the sequences of a packed (varlen) token stream.
 
-    Rows: every (segment, head, kept offset) of every piece of every branch, grouped by
-    their segment length ``L`` (pieces of different branches with the same ``L`` share one
-    attention call; a class whose work is small is padded into the next longer one, see
-    ``MERGE_FRACTION``), in the order ``(class, b, segment, head, l)`` so that each class
-    is a contiguous ``(B * S, H, L, D)`` block of the gathered rows; ``R`` rows in all.
-    Padding rows (segment ends, merged classes) read position 0, are masked as keys, and
-    add zero-weighted into position 0.
+    Rows: every (segment, head, kept offset) of every piece of every branch of every
+    sequence, grouped by their segment length ``L`` (pieces of different branches and
+    sequences with the same ``L`` share one attention call; a class whose work is small is
+    padded into the next longer one, see ``MERGE_FRACTION``), in the order ``(class,
+    sequence, segment, head, l)`` so that each class is a contiguous ``(S, H, L, D)``
+    block of the gathered rows; ``R`` rows in all. Padding rows (segment ends, merged
+    classes) read their sequence's first position, are masked as keys, and add
+    zero-weighted into it.
     """
 
-    classes: tuple  # ((L, S, start_row, all_valid), ...)
-    gather: torch.Tensor  # (R,) flat (b, position, head) index each row reads / adds into
-    tokens: torch.Tensor  # (R,) flat (b, position) of each row (padding lookup)
+    classes: tuple  # ((L, S, start_row, all_valid), ...): S segments of every sequence
+    gather: torch.Tensor  # (R,) flat (token, head) index each row reads / adds into
+    tokens: torch.Tensor  # (R,) flat token of each row (padding lookup)
     valid: torch.Tensor  # (R,) bool: the row is a real position
     invalid: torch.Tensor | None  # (R,) ~valid, None when every row is real
-    rows_of: torch.Tensor  # (B * N * H * nb,) row of (b, p, h) in branch i, or `sentinel`
+    rows_of: torch.Tensor  # (T * H * nb,) row of (token, h) in branch i, or `sentinel`
     sentinel: int  # an invalid row (its lse is -inf), or R: a -inf row is appended
     covered: bool  # every (position, head) is seen by some branch
     biases: dict  # dtype -> (R,) additive key bias of the padding rows (cached)
 
 
 _PLAN_CACHE: dict = {}
+_PIECE_CACHE: dict = {}
 # a class of rows is padded into the next longer one when that adds at most this fraction
 # of the call's attention FLOPs: one kernel call fewer for a few masked keys
 MERGE_FRACTION = 0.05
@@ -173,26 +176,32 @@ MERGE_FRACTION = 0.05
 
 def _merge_classes(per_class: dict, h: int) -> dict:
     lengths = sorted(per_class)
-    cost = {L: sum(p.shape[0] for _, p, _ in per_class[L]) * h * L * L for L in lengths}
+    cost = {L: sum(p.shape[0] for *_, p, _ in per_class[L]) * h * L * L for L in lengths}
     total = sum(cost.values())
     merged = dict(per_class)
     for small, big in zip(lengths[:-1], lengths[1:]):
-        n_seg = sum(p.shape[0] for _, p, _ in merged[small])
+        n_seg = sum(p.shape[0] for *_, p, _ in merged[small])
         if n_seg * h * (big * big - small * small) > MERGE_FRACTION * total:
             continue
         pad = big - small
         moved = [
-            (i, F.pad(p, (0, pad)), F.pad(o, (0, pad), value=False)) for i, p, o in merged[small]
+            (s, i, F.pad(p, (0, pad)), F.pad(o, (0, pad), value=False))
+            for s, i, p, o in merged[small]
         ]
-        merged[big] = moved + merged[big]
+        merged[big] = sorted(moved + merged[big], key=lambda e: e[0])  # stable: by sequence
         del merged[small]
         total += n_seg * h * (big * big - small * small)
     return merged
 
 
-def _build_plan(b, n, h, segments, dilations, device) -> _Plan:
-    nb = len(segments)
-    per_class: dict[int, list] = {}  # L -> [(branch, pos (S, H, L), ok (S, H, L))]
+def _length_pieces(n: int, h: int, segments, dilations) -> dict:
+    """Rows of one sequence of ``n`` tokens: ``{L: [(branch, pos (S, H, L), ok)]}``,
+    positions relative to the sequence start (cached per length)."""
+    key = (n, h, segments, dilations)
+    hit = _PIECE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    per_class: dict[int, list] = {}
     for i, (seg, r) in enumerate(zip(segments, dilations)):
         group = _head_group(h, r, "cpu")  # (H,)
         for start, stop, piece_seg in _pieces(n, seg):
@@ -202,28 +211,43 @@ def _build_plan(b, n, h, segments, dilations, device) -> _Plan:
             pos = start + torch.arange(n_seg)[:, None, None] * w + offset  # (S, H, L)
             ok = (offset < w).expand(n_seg, h, rows)
             per_class.setdefault(rows, []).append((i, pos.where(ok, 0), ok))
+    if len(_PIECE_CACHE) >= 256:
+        _PIECE_CACHE.clear()
+    _PIECE_CACHE[key] = per_class
+    return per_class
+
+
+def _build_plan(seqs, h, segments, dilations, device) -> _Plan:
+    """``seqs``: ``((offset, n), ...)``, each sequence's first token and length in a
+    stream of ``T = offset + n`` (of the last) tokens."""
+    nb = len(segments)
+    total_tokens = seqs[-1][0] + seqs[-1][1]
+    per_class: dict[int, list] = {}  # L -> [(sequence, branch, pos (S, H, L), ok (S, H, L))]
+    for s, (_offset, n) in enumerate(seqs):
+        for rows, parts in _length_pieces(n, h, segments, dilations).items():
+            per_class.setdefault(rows, []).extend((s, i, p, o) for i, p, o in parts)
     per_class = _merge_classes(per_class, h)
     gathers, tokens, valids, classes = [], [], [], []
-    rows_of = torch.full((b, n, h, nb), -1, dtype=torch.long)
+    rows_of = torch.full((total_tokens * h, nb), -1, dtype=torch.long)
     heads = torch.arange(h)[None, :, None]
     start_row = 0
     for rows in sorted(per_class):
         parts = per_class[rows]
-        pos = torch.cat([p for _, p, _ in parts])  # (S, H, L)
-        ok = torch.cat([o for _, _, o in parts])
-        branch = torch.cat([torch.full((p.shape[0],), i) for i, p, _ in parts])  # (S,)
-        n_seg = pos.shape[0]
-        for bi in range(b):
-            flat = (bi * n + pos) * h + heads  # (S, H, L)
-            gathers.append(flat.flatten())
-            tokens.append((bi * n + pos).flatten())
-            valids.append(ok.flatten())
-            row_ids = start_row + bi * n_seg * h * rows + torch.arange(n_seg * h * rows)
-            sel = ok.flatten()
-            br = branch[:, None, None].expand(n_seg, h, rows).flatten()[sel]
-            rows_of.view(b * n * h, nb)[flat.flatten()[sel], br] = row_ids[sel]
+        offsets = torch.tensor([seqs[s][0] for s, *_ in parts])
+        tok = torch.cat([off + p for off, (_, _, p, _) in zip(offsets.tolist(), parts)])
+        ok = torch.cat([o for *_, o in parts])  # (S, H, L)
+        branch = torch.cat([torch.full((p.shape[0],), i) for _, i, p, _ in parts])  # (S,)
+        n_seg = tok.shape[0]
+        flat = tok * h + heads  # (S, H, L)
+        gathers.append(flat.flatten())
+        tokens.append(tok.flatten())
+        sel = ok.flatten()
+        valids.append(sel)
+        row_ids = start_row + torch.arange(n_seg * h * rows)
+        br = branch[:, None, None].expand(n_seg, h, rows).flatten()[sel]
+        rows_of[flat.flatten()[sel], br] = row_ids[sel]
         classes.append((rows, n_seg, start_row, bool(ok.all())))
-        start_row += b * n_seg * h * rows
+        start_row += n_seg * h * rows
     covered = bool((rows_of >= 0).any(-1).all())
     valid = torch.cat(valids)
     bad = (~valid).nonzero()
@@ -242,14 +266,27 @@ def _build_plan(b, n, h, segments, dilations, device) -> _Plan:
     )
 
 
-def _plan(b, n, h, segments, dilations, device) -> _Plan:
-    key = (b, n, h, tuple(segments), tuple(dilations), str(device))
+def _cached_plan(seqs, h, segments, dilations, device) -> _Plan:
+    key = (seqs, h, tuple(segments), tuple(dilations), str(device))
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         if len(_PLAN_CACHE) >= 64:
             _PLAN_CACHE.clear()
-        plan = _PLAN_CACHE[key] = _build_plan(b, n, h, segments, dilations, device)
+        plan = _PLAN_CACHE[key] = _build_plan(seqs, h, tuple(segments), tuple(dilations), device)
     return plan
+
+
+def _plan(b, n, h, segments, dilations, device) -> _Plan:
+    """The plan of a padded ``(B, N)`` batch (every row a sequence of ``N`` tokens)."""
+    return _cached_plan(tuple((bi * n, n) for bi in range(b)), h, segments, dilations, device)
+
+
+def _plan_varlen(lengths, h, segments, dilations, device) -> _Plan:
+    """The plan of a packed stream of sequences of ``lengths`` tokens, back to back."""
+    offsets = [0]
+    for n in lengths[:-1]:
+        offsets.append(offsets[-1] + n)
+    return _cached_plan(tuple(zip(offsets, lengths)), h, segments, dilations, device)
 
 
 def _row_ok(plan, padding_mask):
@@ -277,8 +314,8 @@ def _key_masks(plan, b, h, padding_mask, dtype, device):
         if padding_mask is None and all_valid:
             masks.append(None)
             continue
-        size = b * n_seg * h * rows
-        masks.append(flat[start : start + size].view(b * n_seg, h, 1, rows))
+        size = n_seg * h * rows
+        masks.append(flat[start : start + size].view(n_seg, h, 1, rows))
     return masks
 
 
@@ -293,7 +330,9 @@ def dilated_attention(q, k, v, segments, dilations, padding_mask=None, exact_gra
     )
 
 
-def dilated_attention_qkv(qkv, segments, dilations, padding_mask=None, exact_grad=True):
+def dilated_attention_qkv(
+    qkv, segments, dilations, padding_mask=None, exact_grad=True, lengths=None
+):
     """LongNet dilated attention over one ``(B, N, H, 3, D)`` tensor of q, k, v (a fused
     projection's output); returns ``(B, N, H, D)``.
 
@@ -306,23 +345,38 @@ def dilated_attention_qkv(qkv, segments, dilations, padding_mask=None, exact_gra
     Each branch runs on its whole segments and, apart, on the partial last segment (its
     own, shorter length); segment padding and padded slides are masked, so no padded key
     receives softmax mass. ``q``, ``k``, ``v`` may be views of one fused projection.
+
+    ``lengths`` (varlen): ``qkv`` is ``(1, T, H, 3, D)``, the tokens of several sequences
+    back to back (``lengths`` of them, summing to ``T``, no padding); each attends within
+    itself exactly as it would alone, and every branch and sequence of one segment length
+    shares one kernel call (what a packed multi-crop step runs).
     """
     segments, dilations = validate_branches(segments, dilations)
     b, n, h, _three, d = qkv.shape
-    if padding_mask is not None and not bool(padding_mask.any()):
-        padding_mask = None
-    if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
-        return dense_attention(*qkv.unbind(3), padding_mask)
-    if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
-        q, k, v = qkv.unbind(3)
-        return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
-    plan = _plan(b, n, h, segments, dilations, qkv.device)
+    if lengths is not None:
+        lengths = tuple(int(t) for t in lengths)
+        if b != 1 or padding_mask is not None or sum(lengths) != n or min(lengths) < 1:
+            raise ValueError(
+                f"varlen attention takes one (1, T, H, 3, D) stream with positive lengths "
+                f"summing to T and no padding_mask; got shape {tuple(qkv.shape)}, "
+                f"{len(lengths)} lengths summing to {sum(lengths)}"
+            )
+        plan = _plan_varlen(lengths, h, segments, dilations, qkv.device)
+    else:
+        if padding_mask is not None and not bool(padding_mask.any()):
+            padding_mask = None
+        if len(segments) == 1 and dilations[0] == 1 and segments[0] >= n:
+            return dense_attention(*qkv.unbind(3), padding_mask)
+        if exact_grad and b * h * n * n <= SMALL_N_BIAS_ELEMENTS:
+            q, k, v = qkv.unbind(3)
+            return _dilated_as_biased_dense(q, k, v, segments, dilations, padding_mask)
+        plan = _plan(b, n, h, segments, dilations, qkv.device)
     rows = qkv.reshape(b * n * h, 3, d).index_select(0, plan.gather)  # (R, 3, D)
     needs_grad = torch.is_grad_enabled() and qkv.requires_grad
     if packed_attention_available(qkv.device, needs_grad, exact_grad):
         masks = _key_masks(plan, b, h, padding_mask, qkv.dtype, qkv.device)
         blocks = [
-            (start, b * n_seg, h, rows, mask)
+            (start, n_seg, h, rows, mask)
             for (rows, n_seg, start, _), mask in zip(plan.classes, masks)
         ]
         rows_out, lse = packed_attention_with_lse(rows, blocks, exact_grad)
@@ -330,9 +384,9 @@ def dilated_attention_qkv(qkv, segments, dilations, padding_mask=None, exact_gra
         ok = _row_ok(plan, padding_mask)
         outs, lses = [], []
         for n_rows, n_seg, start, _ in plan.classes:
-            size = b * n_seg * h * n_rows
+            size = n_seg * h * n_rows
             qs, ks, vs = (rows[start : start + size, j].view(-1, h, n_rows, d) for j in range(3))
-            mask = ok[start : start + size].view(b * n_seg, h, 1, n_rows)
+            mask = ok[start : start + size].view(n_seg, h, 1, n_rows)
             out, lse_c = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
             outs.append(out.reshape(size, d))
             lses.append(lse_c.reshape(size))

@@ -27,10 +27,17 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = float(p)
 
-    def forward(self, x):
+    def forward(self, x, lengths=None):
+        """``lengths``: ``x`` is a packed ``(1, T, E)`` stream of sequences of these lengths,
+        each dropped or kept as a whole (one draw per sequence)."""
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        if lengths is None:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        else:
+            draws = x.new_empty(len(lengths)).bernoulli_(1.0 - self.p)
+            reps = torch.as_tensor(lengths, device=x.device)
+            keep = draws.repeat_interleave(reps, output_size=x.shape[1])[None, :, None]
         return x * keep / (1.0 - self.p)
 
 
@@ -82,9 +89,22 @@ class SelfAttention(nn.Module):
         )
         return F.linear(x, w.view(3 * e, e), bias.view(3 * e)).view(b, n, h, 3, e // h)
 
-    def forward(self, x, padding_mask=None, coords=None):
+    def forward(self, x, padding_mask=None, coords=None, lengths=None):
+        """``lengths``: ``x`` is a packed ``(1, T, E)`` stream of sequences of these lengths
+        (varlen: each attends within itself; dense attention is one segment per sequence)."""
         b, n, e = x.shape
         qkv = self.qkv(x)
+        if lengths is not None:
+            if self.alibi:
+                raise ValueError("2-D ALiBi attention does not take a packed (varlen) stream")
+            segments = self.segments or [max(lengths)]
+            out = dilated_attention_qkv(
+                qkv, segments, self.dilations or [1], None, self.exact_grad, lengths
+            )
+            out = out.reshape(b, n, e)
+            if self.inner_attn_ln is not None:
+                out = self.inner_attn_ln(out)
+            return self.out_proj(out)
         if self.segments is not None and not self.alibi:
             out = dilated_attention_qkv(
                 qkv, self.segments, self.dilations, padding_mask, exact_grad=self.exact_grad
@@ -163,18 +183,21 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(
-        self, x: torch.Tensor, padding_mask=None, neighbours=None, coords=None
+        self, x: torch.Tensor, padding_mask=None, neighbours=None, coords=None, lengths=None
     ) -> torch.Tensor:
         """``neighbours``: the grid neighbour index a local block needs; ``coords`` (B, N, 2):
-        the tiles' grid positions a 2-D ALiBi block needs (each ignored otherwise)."""
+        the tiles' grid positions a 2-D ALiBi block needs (each ignored otherwise);
+        ``lengths``: ``x`` is a packed (1, T, E) stream of sequences (see `SelfAttention`)."""
         if self.local:
+            if lengths is not None:
+                raise ValueError("local (neighbourhood) blocks do not take a packed stream")
             y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, neighbours, coords)
         else:
-            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, coords)
+            y = self.self_attn(self.self_attn_layer_norm(x), padding_mask, coords, lengths)
         if self.dropout.p > 0:
             y = self.dropout(y)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.ffn(self.final_layer_norm(x)))
+        x = x + self.drop_path(y, lengths)
+        x = x + self.drop_path(self.ffn(self.final_layer_norm(x)), lengths)
         return x
 
     def forward_split(self, tiles, cls, neighbours, members, valid, coords=None):

@@ -32,7 +32,14 @@ from slidessl.models.blocks import Block
 from slidessl.models.gridconv import GridContext, grid_neighbours
 from slidessl.models.posenc import POS_MODES, sincos_2d
 
-__all__ = ["SlideEncoder", "build_encoder", "PRESETS", "DEFAULT_SEGMENTS", "DEFAULT_DILATIONS"]
+__all__ = [
+    "SlideEncoder",
+    "build_encoder",
+    "pack_padded",
+    "PRESETS",
+    "DEFAULT_SEGMENTS",
+    "DEFAULT_DILATIONS",
+]
 
 # Chosen from `slidessl bench attention` (docs/performance.md): 10x fewer attention FLOPs
 # than dense at 16k tokens while every token still sees a 1024-token neighbourhood at r=1.
@@ -275,6 +282,73 @@ class SlideEncoder(nn.Module):
         out = self.norm(h)
         return out[:, 0], out[:, 1:]
 
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`forward_packed` runs this architecture (global attention blocks
+        only: no grid convolution, no neighbourhood blocks, no 2-D ALiBi)."""
+        return (
+            self.grid_context is None
+            and not self.local_kernel
+            and self.config["pos_bias"] == "none"
+        )
+
+    def forward_packed(
+        self, x, coords, lengths, token_mask=None, center=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_tokens` of ``S`` inputs packed into one token stream, no padding.
+
+        ``x`` (T, in_dim) and ``coords`` (T, 2): the tiles of every input back to back,
+        ``lengths[i]`` of them for input ``i`` (a list of ints, ``sum = T``; see
+        :func:`pack_padded`); ``token_mask`` (T,) bool; ``center`` (S, in_dim). Each input
+        gets its own CLS token and attends within itself exactly as it would alone, but
+        every linear layer runs once on all ``T + S`` tokens and dilated attention makes one
+        kernel call per distinct segment length for all inputs together (varlen). Drop-path
+        draws once per input. Returns ``(cls (S, E), tokens (T, E))`` after the final norm.
+        """
+        if not self.packs:
+            raise ValueError(
+                "forward_packed needs an encoder of global attention blocks only "
+                "(grid_context=0, local_kernel=0, pos_bias='none')"
+            )
+        lengths = [int(n) for n in lengths]
+        t = sum(lengths)
+        if x.ndim != 2 or x.shape != (t, self.in_dim) or coords.shape != (t, 2):
+            raise ValueError(
+                f"packed features must be (T, {self.in_dim}) and coords (T, 2) with T = "
+                f"sum(lengths) = {t}; got {tuple(x.shape)} and {tuple(coords.shape)}"
+            )
+        if min(lengths, default=-1) < 0:
+            raise ValueError(f"lengths must be >= 0, got {lengths}")
+        if token_mask is not None and (token_mask.shape != (t,) or token_mask.dtype != torch.bool):
+            raise ValueError(
+                f"token_mask must be bool (T,) = ({t},), got {tuple(token_mask.shape)}"
+            )
+        n_in = len(lengths)
+        reps = torch.as_tensor(lengths, device=x.device)
+        if self.config["input_center"]:
+            if center is None:
+                seq = torch.arange(n_in, device=x.device).repeat_interleave(reps, output_size=t)
+                sums = x.new_zeros(n_in, x.shape[1]).index_add(0, seq, x)
+                center = sums / reps.clamp_min(1)[:, None].to(x.dtype)
+            x = x - center.to(x.dtype).repeat_interleave(reps, dim=0, output_size=t)
+        h = self.patch_embed(x)
+        if token_mask is not None:
+            h = torch.where(token_mask.unsqueeze(-1), self.mask_token[0].to(h.dtype), h)
+        h = h + sincos_2d(coords[None], self.embed_dim, self.config["pos_mode"])[0].to(h.dtype)
+        order, cls_rows, tile_rows = (i.to(x.device) for i in _stream_index(tuple(lengths)))
+        cls = self.cls_token[0].expand(n_in, -1).to(h.dtype)
+        h = torch.cat([cls, h]).index_select(0, order)[None]  # (1, T + S, E): CLS, tiles, ...
+        full = [n + 1 for n in lengths]
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(blk, h, None, None, None, full, use_reentrant=False)
+            else:
+                h = blk(h, None, None, None, full)
+        if self.encoder_norm is not None:
+            h = self.encoder_norm(h)
+        out = self.norm(h[0])
+        return out.index_select(0, cls_rows), out.index_select(0, tile_rows)
+
     def forward_head(self, x, padding_mask=None, pre_logits: bool = False) -> torch.Tensor:
         """Slide vector ``(B, E)`` from :meth:`forward_features` output ``x``: the CLS
         (``pool="cls"``), or the final norm of the mean over real tile tokens
@@ -365,6 +439,42 @@ def _masked_mean(x: torch.Tensor, padding_mask) -> torch.Tensor:
         return x.mean(dim=1, keepdim=True)
     keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
     return (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
+
+
+_STREAM_CACHE: dict = {}
+
+
+def _stream_index(lengths: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of a packed stream of inputs of ``lengths`` tiles, each led by its CLS:
+    ``order`` (T + S,) the row of ``cat([cls (S), tiles (T)])`` at each stream position,
+    and the stream positions of the CLS tokens (S,) and of the tiles (T,) (CPU, cached)."""
+    hit = _STREAM_CACHE.get(lengths)
+    if hit is not None:
+        return hit
+    n_in = len(lengths)
+    full = torch.as_tensor(lengths, dtype=torch.long) + 1
+    cls_rows = torch.cumsum(full, 0) - full
+    is_cls = torch.zeros(int(full.sum()), dtype=torch.bool)
+    is_cls[cls_rows] = True
+    order = torch.empty(len(is_cls), dtype=torch.long)
+    order[cls_rows] = torch.arange(n_in)
+    order[~is_cls] = n_in + torch.arange(int(full.sum()) - n_in)
+    if len(_STREAM_CACHE) >= 64:
+        _STREAM_CACHE.clear()
+    hit = _STREAM_CACHE[lengths] = (order, cls_rows, (~is_cls).nonzero()[:, 0])
+    return hit
+
+
+def pack_padded(t: torch.Tensor, lengths) -> torch.Tensor:
+    """The real rows of a right-padded ``(B, N, ...)`` batch back to back, ``(sum(lengths),
+    ...)``: row ``i`` contributes its first ``lengths[i]`` entries. ``lengths`` is a list of
+    ints (the collate's ``lengths``), so no host sync is needed."""
+    lengths = [int(n) for n in lengths]
+    b, n = t.shape[:2]
+    if len(lengths) != b or max(lengths, default=0) > n or min(lengths, default=0) < 0:
+        raise ValueError(f"lengths {lengths} do not fit a padded batch of shape {tuple(t.shape)}")
+    idx = torch.cat([i * n + torch.arange(m) for i, m in enumerate(lengths)] or [torch.arange(0)])
+    return t.flatten(0, 1).index_select(0, idx.to(t.device))
 
 
 def build_encoder(name: str = "tiny", **overrides) -> SlideEncoder:

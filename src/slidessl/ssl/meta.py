@@ -87,6 +87,10 @@ class SSLMetaArch(nn.Module):
         if cfg["train"].get("grad_checkpointing") and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         embed_dim = int(backbone.embed_dim)
+        # every crop of a micro-batch in one packed (varlen) call per encoder, where it can
+        self.pack_crops = bool(cfg["train"].get("pack_crops", True)) and bool(
+            getattr(backbone, "packs", False)
+        )
         d, ib, ko = cfg["dino"], cfg["ibot"], cfg["koleo"]
         self.dino_weight = float(d["loss_weight"])
         self.ibot_weight = float(ib["loss_weight"])
@@ -179,6 +183,48 @@ class SSLMetaArch(nn.Module):
         loss.accumulate_center(logits)
         return probs
 
+    def _encode(self, backbone, crops: list[dict], token_mask=None, select=None):
+        """Encode padded crop batches (the collate's ``global`` / ``local`` dicts):
+        ``(cls of each batch, tokens of crops[0] where select)``; ``token_mask`` and
+        ``select`` are ``(B, N)`` bool over ``crops[0]`` (``select`` None: no tokens).
+
+        With ``pack_crops`` every row of every batch goes through the encoder as one packed
+        token stream (no padding, one GEMM per linear layer, one attention call per segment
+        length); otherwise one padded call per batch. Both give the same values."""
+        if self.pack_crops and all("lengths" in c for c in crops):
+            from slidessl.models.encoder import pack_padded
+
+            lengths = [c["lengths"] for c in crops]
+            feats = torch.cat([pack_padded(c["features"], n) for c, n in zip(crops, lengths)])
+            coords = torch.cat([pack_padded(c["coords"], n) for c, n in zip(crops, lengths)])
+            center = None
+            if all(c.get("center") is not None for c in crops):
+                center = torch.cat([c["center"] for c in crops])
+            t0 = sum(lengths[0])
+            packed_mask = None
+            if token_mask is not None:
+                packed_mask = torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
+                packed_mask[:t0] = pack_padded(token_mask, lengths[0])
+            cls, tokens = backbone.forward_packed(
+                feats, coords, [n for ns in lengths for n in ns], packed_mask, center
+            )
+            parts = list(cls.split([len(n) for n in lengths]))
+            chosen = None if select is None else tokens[:t0][pack_padded(select, lengths[0])]
+            return parts, chosen
+        parts, chosen = [], None
+        for i, c in enumerate(crops):
+            cls, tokens = backbone.forward_tokens(
+                c["features"],
+                c["coords"],
+                padding_mask=c["padding_mask"],
+                token_mask=token_mask if i == 0 else None,
+                center=c.get("center"),
+            )
+            parts.append(cls)
+            if i == 0 and select is not None:
+                chosen = tokens[select]
+        return parts, chosen
+
     # ------------------------------------------------------------------ loss
     def forward(self, batch: dict, teacher_temp: float):
         return self.compute_loss(batch, teacher_temp)
@@ -201,10 +247,9 @@ class SSLMetaArch(nn.Module):
             )
         logs: dict[str, torch.Tensor] = {}
 
+        scored = None if mask is None else cap_masked(mask, self.max_masked)
         with torch.no_grad():
-            t_cls, t_tokens = self.teacher["backbone"].forward_tokens(
-                g["features"], g["coords"], padding_mask=g["padding_mask"], center=g.get("center")
-            )
+            (t_cls,), t_masked = self._encode(self.teacher["backbone"], [g], select=scored)
             t_logits = self.teacher["dino_head"](t_cls)
             t_probs = self._teacher_targets(self.dino_loss, t_logits, teacher_temp).chunk(n_g)
             self.monitor_rows.append(
@@ -214,32 +259,20 @@ class SSLMetaArch(nn.Module):
                 }
             )
             del self.monitor_rows[:-64]
-            scored = None if mask is None else cap_masked(mask, self.max_masked)
             if mask is not None and self.ibot_loss is not None:
-                t_patch = head_in_chunks(
-                    self._ibot_head(self.teacher), t_tokens[scored], self.head_chunk
-                )
+                t_patch = head_in_chunks(self._ibot_head(self.teacher), t_masked, self.head_chunk)
                 t_patch_probs = self._teacher_targets(self.ibot_loss, t_patch, teacher_temp)
                 del t_patch
 
-        s_cls, s_tokens = self.student["backbone"].forward_tokens(
-            g["features"],
-            g["coords"],
-            padding_mask=g["padding_mask"],
-            token_mask=mask,
-            center=g.get("center"),
+        crops = [g, batch["local"]] if n_l > 0 else [g]
+        cls_parts, s_masked = self._encode(
+            self.student["backbone"], crops, token_mask=mask, select=scored
         )
+        s_cls = cls_parts[0]
         s_global = self.student["dino_head"](s_cls).chunk(n_g)
         s_local: tuple[torch.Tensor, ...] = ()
         if n_l > 0:
-            loc = batch["local"]
-            l_cls, _ = self.student["backbone"].forward_tokens(
-                loc["features"],
-                loc["coords"],
-                padding_mask=loc["padding_mask"],
-                center=loc.get("center"),
-            )
-            s_local = self.student["dino_head"](l_cls).chunk(n_l)
+            s_local = self.student["dino_head"](cls_parts[1]).chunk(n_l)
 
         dino = s_global[0].new_zeros((), dtype=torch.float32)
         if n_l > 0:
@@ -255,7 +288,7 @@ class SSLMetaArch(nn.Module):
         if mask is not None and self.ibot_loss is not None:
             ibot = self.ibot_loss.forward_head_masked(
                 self._ibot_head(self.student),
-                s_tokens[scored],
+                s_masked,
                 t_patch_probs,
                 scored,
                 self.head_chunk,

@@ -105,6 +105,7 @@ class TrainConfig:
     precision: str = MISSING
     device: str = MISSING
     grad_checkpointing: bool = MISSING
+    pack_crops: bool = MISSING
     memory_check: str = MISSING
     memory_budget_gb: float | None = MISSING
     log_every: int = MISSING
