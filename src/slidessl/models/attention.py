@@ -25,7 +25,7 @@ from slidessl.models.lse import (
     MASK_VALUE,
     attention_with_lse,
     packed_attention_available,
-    packed_attention_with_lse,
+    packed_dilated_attention,
 )
 
 __all__ = [
@@ -160,9 +160,12 @@ class _Plan(NamedTuple):
     gather: torch.Tensor  # (R,) flat (token, head) index each row reads / adds into
     tokens: torch.Tensor  # (R,) flat token of each row (padding lookup)
     valid: torch.Tensor  # (R,) bool: the row is a real position
-    invalid: torch.Tensor | None  # (R,) ~valid, None when every row is real
-    rows_of: torch.Tensor  # (T * H * nb,) row of (token, h) in branch i, or `sentinel`
-    sentinel: int  # an invalid row (its lse is -inf), or R: a -inf row is appended
+    rows_of: torch.Tensor  # (T * H * nb,) row of (token, h) in branch i, or R (none)
+    values_of: torch.Tensor  # rows_of with R replaced by row 0 (read with weight 0)
+    row_slot: torch.Tensor  # (R,) the (token, head, branch) slot of each row; padding rows
+    # point at a slot whose weight is 0 (one no branch row fills, or one past the end)
+    pad_weight: bool  # no slot is empty: a zero weight is appended for the padding rows
+    sentinel: int  # R: the -inf row appended to the LSE
     covered: bool  # every (position, head) is seen by some branch
     biases: dict  # dtype -> (R,) additive key bias of the padding rows (cached)
 
@@ -250,16 +253,24 @@ def _build_plan(seqs, h, segments, dilations, device) -> _Plan:
         start_row += n_seg * h * rows
     covered = bool((rows_of >= 0).any(-1).all())
     valid = torch.cat(valids)
-    bad = (~valid).nonzero()
-    sentinel = int(bad[0]) if len(bad) else start_row
+    sentinel = start_row
+    values_of = rows_of.where(rows_of >= 0, 0)
+    filled = rows_of.flatten() >= 0
+    empty = (~filled).nonzero()
+    # a slot of weight 0 for the padding rows: an unfilled one, else one past the end
+    zero_slot = int(empty[0]) if len(empty) else filled.numel()
+    row_slot = torch.full((start_row,), zero_slot, dtype=torch.long)
+    row_slot[rows_of.flatten()[filled]] = filled.nonzero()[:, 0]
     rows_of = rows_of.where(rows_of >= 0, sentinel)
     return _Plan(
         tuple(classes),
         torch.cat(gathers).to(device),
         torch.cat(tokens).to(device),
         valid.to(device),
-        None if valid.all() else (~valid).to(device),
         rows_of.flatten().to(device),
+        values_of.flatten().to(device),
+        row_slot.to(device),
+        zero_slot == filled.numel(),
         sentinel,
         covered,
         {},
@@ -373,13 +384,23 @@ def dilated_attention_qkv(
         plan = _plan(b, n, h, segments, dilations, qkv.device)
     rows = qkv.reshape(b * n * h, 3, d).index_select(0, plan.gather)  # (R, 3, D)
     needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    nb = len(segments)
     if packed_attention_available(qkv.device, needs_grad, exact_grad):
         masks = _key_masks(plan, b, h, padding_mask, qkv.dtype, qkv.device)
         blocks = [
             (start, n_seg, h, rows, mask)
             for (rows, n_seg, start, _), mask in zip(plan.classes, masks)
         ]
-        rows_out, lse = packed_attention_with_lse(rows, blocks, exact_grad)
+        combine = (
+            plan.gather,
+            plan.rows_of,
+            plan.values_of,
+            plan.row_slot,
+            nb,
+            plan.covered,
+            plan.pad_weight,
+        )
+        result = packed_dilated_attention(rows, blocks, combine, exact_grad)
     else:  # one call per class through the general path (manual, surrogate, fallback)
         ok = _row_ok(plan, padding_mask)
         outs, lses = [], []
@@ -390,20 +411,16 @@ def dilated_attention_qkv(
             out, lse_c = attention_with_lse(qs, ks, vs, mask, exact_grad=exact_grad)
             outs.append(out.reshape(size, d))
             lses.append(lse_c.reshape(size))
-        rows_out, lse = torch.cat(outs), torch.cat(lses)
-    if plan.invalid is not None:
-        lse = lse.masked_fill(plan.invalid, float("-inf"))
-    table = lse
-    if plan.sentinel == lse.shape[0]:  # every row is real: append a -inf row
-        table = torch.cat([lse, lse.new_full((1,), float("-inf"))])
-    nb = len(segments)
-    log_z = torch.logsumexp(table.index_select(0, plan.rows_of).view(b * n * h, nb), dim=1)
-    if not plan.covered:
-        log_z = log_z.masked_fill(log_z.isneginf(), 0.0)
-    weight = torch.exp(lse - log_z.index_select(0, plan.gather))  # (R,), 0 at padding rows
-    if weight.dtype != rows_out.dtype:
-        weight = weight.to(rows_out.dtype)
-    result = rows_out.new_zeros(b * n * h, d).index_add(0, plan.gather, rows_out * weight[:, None])
+        tail = lses[0].new_full((1,), float("-inf"))
+        rows_out, lse = torch.cat(outs), torch.cat([*lses, tail])
+        # each (token, head) gathers its nb branch rows and weights them by softmax(lse);
+        # a branch that does not keep it points at the appended -inf (weight exactly 0)
+        weight = lse.index_select(0, plan.rows_of).view(-1, 1, nb).softmax(-1)
+        if not plan.covered:  # a (token, head) no branch sees: all -inf, output 0
+            weight = weight.nan_to_num(0.0)
+        if weight.dtype != rows_out.dtype:
+            weight = weight.to(rows_out.dtype)
+        result = torch.bmm(weight, rows_out.index_select(0, plan.values_of).view(-1, nb, d))
     result = result.view(b, n, h, d)
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)

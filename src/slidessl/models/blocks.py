@@ -137,9 +137,11 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        y = F.gelu(self.fc1(x).float())  # GELU in float32, as torchscale
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        y = self.fc1(x)
+        if y.dtype != torch.float32:  # GELU in float32, as torchscale
+            y = F.gelu(y.float()).to(y.dtype)
+        else:
+            y = F.gelu(y)
         if self.ffn_layernorm is not None:
             y = self.ffn_layernorm(y)
         y = self.fc2(y)

@@ -43,7 +43,7 @@ __all__ = [
     "get_lse_grad",
     "lse_grad_mode",
     "packed_attention_available",
-    "packed_attention_with_lse",
+    "packed_dilated_attention",
     "private_kernels_ok",
     "set_backend",
     "set_lse_grad",
@@ -235,19 +235,30 @@ def _extra_dim_backward(d_out, q, k, v, bias, out, lse, aux, scale, g):
     return dq[..., :d], dk[..., :d], dv[..., :d]
 
 
-class _PackedKernelLse(torch.autograd.Function):
-    """Attention with exact LSE gradients on several blocks of packed rows at once:
-    ``qkv`` (R, 3, D) holds the rows of every block back to back; block ``i`` is
-    ``(start, batch, heads, rows, bias)``. Forward: one fused kernel call per block;
-    returns ``out`` (R, D) and ``lse`` (R,). Backward: the LSE correction of the module
-    docstring on all R rows at once, then one fused backward call per block, each writing
-    into its rows of one (R, 3, D) gradient. Where a row's ``|dO|^2 < 1e-30`` its LSE term
-    is dropped: in the branch combine of dilated attention ``|dL/dlse| <= |dO| |o -
-    result|``, so the term dropped there is below 1e-15 of the output scale (no host sync
-    for a check).)"""
+class _PackedDilated(torch.autograd.Function):
+    """Dilated attention on packed rows, from the kernels to the combined output, with
+    exact gradients and no LSE-gradient term of its own.
+
+    ``qkv`` (R, 3, D) holds the rows of every block back to back; block ``i`` is ``(start,
+    batch, heads, rows, bias)``. ``combine = (gather, rows_of, values_of, row_slot, nb,
+    covered, pad_weight)`` (the plan's indices, ``attention._Plan``): output position ``p``
+    (a token and head) is ``sum_i w_pi out[rows_of[p, i]]`` with ``w_p =
+    softmax_i(lse[rows_of[p, i]])`` (the LongNet combine; ``rows_of = R`` reads an appended
+    ``-inf``: weight 0).
+
+    Forward: one fused kernel call per block, the weights and values gathered, one batched
+    matmul. Backward, exact: a row's output gradient is ``dO_r = w_r dR_p`` and, through
+    the weights, its LSE gradient is ``g_r = dO_r . (out_r - R_p)``; the fused backward
+    kernels compute ``D_r = dO_r . out_r`` from the ``out`` they are given, and the exact
+    score gradient needs ``D_r - g_r = dO_r . R_p``, so each block's backward call is given
+    the *combined* output ``R_p`` of its rows in place of its own ``out``: one kernel call
+    per block, no correction term, and ``out`` need not be kept. ``exact=False`` (the LSE a
+    constant, as torchscale) gives the kernels their own ``out`` instead.
+    """
 
     @staticmethod
-    def forward(ctx, qkv, blocks, scale):
+    def forward(ctx, qkv, blocks, scale, combine, exact):
+        gather, rows_of, values_of, row_slot, nb, covered, pad_weight = combine
         d = qkv.shape[-1]
         outs, lses, raws, auxes = [], [], [], []
         for start, bs, h, rows, bias in blocks:
@@ -258,50 +269,62 @@ class _PackedKernelLse(torch.autograd.Function):
             lses.append(lse[..., :rows].reshape(size))
             raws.append(lse)
             auxes.append(aux)
+        lses.append(_constant(float("-inf"), lses[0].dtype, lses[0].device))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        lse = torch.cat(lses) if len(lses) > 1 else lses[0]
-        ctx.save_for_backward(qkv, out, *raws)
-        ctx.blocks, ctx.auxes, ctx.scale = blocks, auxes, scale
-        acc = _acc(qkv.dtype)
-        return out, lse if lse.dtype == acc else lse.to(acc)
+        lse = torch.cat(lses)
+        weight = lse.index_select(0, rows_of).view(-1, 1, nb).softmax(-1)
+        if not covered:  # a (token, head) that no branch sees: all -inf, output 0
+            weight = weight.nan_to_num(0.0)
+        if weight.dtype != out.dtype:
+            weight = weight.to(out.dtype)
+        result = torch.bmm(weight, out.index_select(0, values_of).view(-1, nb, d)).view(-1, d)
+        kept = result if exact else out
+        ctx.save_for_backward(qkv, kept, weight, *raws)
+        ctx.blocks, ctx.auxes, ctx.scale, ctx.exact = blocks, auxes, scale, exact
+        ctx.gather, ctx.row_slot, ctx.pad_weight = gather, row_slot, pad_weight
+        return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_lse):
-        qkv, out, *raws = ctx.saved_tensors
+    def backward(ctx, d_result):
+        qkv, kept, weight, *raws = ctx.saved_tensors
         d = qkv.shape[-1]
-        cpu = qkv.device.type == "cpu"
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        elif not cpu:
-            d_out = d_out.contiguous()
-        out_c, g = out, None
-        if d_lse is not None:
-            acc = _acc(qkv.dtype)
-            g = d_lse if d_lse.dtype == acc else d_lse.to(acc)
-            if cpu:
-                d_acc = d_out if d_out.dtype == acc else d_out.to(acc)
-                norm2 = d_acc.square().sum(-1)
-                shift = torch.where(norm2 > 1e-30, g / norm2.clamp_min(1e-30), 0.0)
-                out_c = out - (shift.unsqueeze(-1) * d_acc).to(out.dtype)
-                g = None
-        # each block's gradients go straight into their rows of one (R, 3, D) buffer
+        # dO of every row: its position's output gradient times its weight (0 at padding)
+        flat = weight.view(-1)
+        if ctx.pad_weight:  # every slot holds a row: padding rows read an appended zero
+            flat = torch.cat([flat, _constant(0.0, flat.dtype, flat.device)])
+        w_rows = flat.index_select(0, ctx.row_slot)
+        d_rows = d_result.index_select(0, ctx.gather) * w_rows.unsqueeze(-1)
+        o_rows = kept.index_select(0, ctx.gather) if ctx.exact else kept
         sizes = sum(bs * h * rows for _, bs, h, rows, _ in ctx.blocks)
         d_qkv = torch.empty_like(qkv) if sizes == qkv.shape[0] else torch.zeros_like(qkv)
         for (start, bs, h, rows, bias), lse, aux in zip(ctx.blocks, raws, ctx.auxes):
             size = bs * h * rows
             sl = slice(start, start + size)
             q, k, v = (_rows(qkv, start, size, j, bs, h, rows, d) for j in range(3))
-            do = d_out[sl].view(bs, h, rows, d)
-            if g is None:
-                o = out_c[sl].view(bs, h, rows, d)
-                dq, dk, dv = _kernel_backward(do, q, k, v, bias, o, lse, aux, ctx.scale)
-            else:
-                o = out[sl].view(bs, h, rows, d)
-                gb = g[sl].view(bs, h, rows)
-                dq, dk, dv = _extra_dim_backward(do, q, k, v, bias, o, lse, aux, ctx.scale, gb)
+            do, o = (_rows4(t, sl, bs, h, rows, d) for t in (d_rows, o_rows))
+            dq, dk, dv = _kernel_backward(do, q, k, v, bias, o, lse, aux, ctx.scale)
+            # each block's gradients straight into their rows of one (R, 3, D) buffer
             torch.stack([t.reshape(size, d) for t in (dq, dk, dv)], dim=1, out=d_qkv[sl])
-        return d_qkv, None, None
+        return d_qkv, None, None, None, None
+
+
+def _rows4(t, sl, bs, h, rows, d):
+    """Rows ``sl`` of an (R, D) tensor as ``(bs, H, L, D)`` (contiguous on CUDA)."""
+    view = t[sl].view(bs, h, rows, d)
+    return view if t.device.type == "cpu" else view.contiguous()
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, dtype, device) -> torch.Tensor:
+    """A cached one-element tensor (no allocation or fill per call)."""
+    key = (value, dtype, str(device))
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        hit = _CONSTANTS[key] = torch.full((1,), value, dtype=dtype, device=device)
+    return hit
 
 
 def _rows(qkv, start, size, j, bs, h, rows, d):
@@ -312,7 +335,7 @@ def _rows(qkv, start, size, j, bs, h, rows, d):
 
 
 def packed_attention_available(device, needs_grad: bool, exact_grad: bool) -> bool:
-    """Whether :func:`packed_attention_with_lse` can run here (fused kernels working, the
+    """Whether :func:`packed_dilated_attention` can run here (fused kernels working, the
     ``kernel`` LSE-gradient mode or no exact gradient needed, default backend)."""
     device = torch.device(device)
     if _BACKEND["name"] == "manual" or device.type not in ("cpu", "cuda"):
@@ -326,12 +349,13 @@ def _is_bool(mask) -> bool:
     return mask is not None and mask.dtype == torch.bool
 
 
-def packed_attention_with_lse(qkv, blocks, exact_grad=True):
-    """``(out (R, D), lse (R,))`` of attention inside each block of packed rows (see
-    ``_PackedKernelLse``); block ``i`` is ``(start, batch, heads, rows, mask)``, ``mask`` a
-    ``(batch, heads, 1, rows)`` bool key mask (True = attend), an additive float bias of the
-    same shape (``MASK_VALUE`` = masked), or None. ``exact_grad=False``: the LSE is a
-    constant in backward (as torchscale)."""
+def packed_dilated_attention(qkv, blocks, combine, exact_grad=True):
+    """Dilated attention ``(T * H, D)`` from packed rows ``qkv`` (R, 3, D): attention inside
+    each block ``(start, batch, heads, rows, mask)`` of rows (``mask`` a ``(batch, heads,
+    1, rows)`` bool key mask, True = attend, an additive float bias of that shape,
+    ``MASK_VALUE`` = masked, or None), then the LSE-weighted combine of ``combine`` (see
+    ``_PackedDilated``). ``exact_grad=False``: the LSE is a constant in backward (as
+    torchscale)."""
     d = qkv.shape[-1]
     scale = d**-0.5
     if not qkv.is_contiguous():
@@ -341,8 +365,7 @@ def packed_attention_with_lse(qkv, blocks, exact_grad=True):
         (start, bs, h, rows, _bias(mask, qkv.dtype, rows, pad_to) if _is_bool(mask) else mask)
         for start, bs, h, rows, mask in blocks
     ]
-    out, lse = _PackedKernelLse.apply(qkv, kernel_blocks, scale)
-    return out, lse if exact_grad else lse.detach()
+    return _PackedDilated.apply(qkv, kernel_blocks, scale, combine, bool(exact_grad))
 
 
 def _check_private(device_type: str) -> None:

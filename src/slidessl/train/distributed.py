@@ -181,7 +181,7 @@ def wrap_model(arch: nn.Module, ctx: DistContext, cfg: dict) -> nn.Module:
                 for block in getattr(module, "blocks", []):
                     fully_shard(block)
                 fully_shard(module)
-                for method in ("forward_features", "forward_tokens"):
+                for method in ("forward_features", "forward_tokens", "forward_packed"):
                     if hasattr(module, method):
                         register_fsdp_forward_method(module, method)
         return arch
