@@ -87,7 +87,15 @@ def main(argv=None) -> int:
     enc_k = _stage(
         "bench encoder, kernel LSE gradients",
         lambda: bench_encoder(
-            preset, enc_n[-1:], [], dtype, device, repeats, batch_sizes=batches, graphs=True
+            preset,
+            enc_n[-1:],
+            [],
+            dtype,
+            device,
+            repeats,
+            batch_sizes=batches,
+            graphs=True,
+            packed_step=True,
         ),
     )
     set_lse_grad("auto")

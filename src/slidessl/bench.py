@@ -172,6 +172,33 @@ def encoder_step(encoder, n, device, dt, grid_side, batch=1, cache=True):
     return run
 
 
+def packed_step_lengths(n: int) -> list[int]:
+    """Tiles per crop of the multi-crop step the packed row times: 2 global crops of ``n``
+    tiles and 8 local crops of ``n / 4`` (the recipes' 2 + 8 crops)."""
+    return [n, n] + [max(n // 4, 1)] * 8
+
+
+def packed_encoder_step(encoder, n, device, dt, cache=True):
+    """One fwd+bwd closure over the crops of :func:`packed_step_lengths` as one packed
+    stream (``forward_packed``: the call ``SSLMetaArch`` makes with ``train.pack_crops``)."""
+    lengths = packed_step_lengths(n)
+    t = sum(lengths)
+    x = torch.randn(t, encoder.in_dim, device=device)
+    side = int(math.sqrt(n)) + 1
+    idx = torch.cat([torch.arange(m, device=device) for m in lengths])
+    coords = torch.stack([idx % side, idx // side], -1)
+
+    def run():
+        encoder.zero_grad(set_to_none=True)
+        with torch.autocast(
+            device.type, dtype=dt, enabled=dt != torch.float32, cache_enabled=cache
+        ):
+            cls, tokens = encoder.forward_packed(x, coords, lengths)
+        (cls.float().pow(2).mean() + tokens.float().pow(2).mean()).backward()
+
+    return run
+
+
 def _graphed(step, device, warmup_iters=3):
     """Capture one fwd+bwd ``step`` into a ``torch.cuda.CUDAGraph``; return its replay.
 
@@ -253,11 +280,17 @@ def bench_encoder(
     warmup=True,
     batch_sizes=(1,),
     graphs=False,
+    packed_step=False,
 ):
     """Forward+backward tokens/s and utilisation per (N, batch); memory growth with
     checkpointing on; optionally the same steps replayed from CUDA graphs.
 
-    Returns ``(rows, mem_rows)``; ``rows`` hold eager rows, then graph rows (``mode``).
+    ``packed_step``: also a row per N for a whole multi-crop step packed into one stream
+    (2 crops of N tiles + 8 of N / 4, ``mode="packed"``, ``batch`` = 10 crops, ``tokens``
+    all of them; MFU from the model FLOPs of each crop).
+
+    Returns ``(rows, mem_rows)``; ``rows`` hold eager rows, packed rows, then graph rows
+    (``mode``).
     """
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
@@ -297,6 +330,32 @@ def bench_encoder(
             rows.append(_row(encoder, n, b, "eager", sec, peak, device))
             out(_row_line(rows[-1]))
             del step
+    if packed_step:
+        for n in ns:
+            _reset_mem(device)
+            lengths = packed_step_lengths(n)
+            try:
+                sec = _timeit(packed_encoder_step(encoder, n, device, dt), device, repeats, warmup)
+            except torch.OutOfMemoryError:
+                encoder.zero_grad(set_to_none=True)
+                _reset_mem(device)
+                rows.append({"n": n, "batch": len(lengths), "mode": "packed", "sec": None})
+                out(f"{n:>7} {len(lengths):>5} {'packed':>6} out of memory")
+                continue
+            flops = sum(encoder_flops(encoder, m) for m in lengths)
+            rows.append(
+                {
+                    "n": n,
+                    "batch": len(lengths),
+                    "mode": "packed",
+                    "sec": sec,
+                    "tokens_per_s": sum(lengths) / sec,
+                    "mfu": flops / sec / peak,
+                    "peak_mem": _peak_mem(device),
+                }
+            )
+            out(_row_line(rows[-1]))
+        out(f"packed: one stream of 2 x N + 8 x N/4 tiles per row ({sum(lengths)} at N={n})")
     out("activation checkpointing on (batch 1):")
     out(f"{'N':>7} {'fwd+bwd s':>10} {'MFU %pk':>8} {'peak mem GiB':>13} {'mem/token KiB':>14}")
     mem_rows = []

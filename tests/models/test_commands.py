@@ -72,6 +72,28 @@ def test_bench_encoder_cli(capsys):
     assert "tokens/s" in text and "checkpointing on" in text
 
 
+def test_bench_encoder_packed_step_row():
+    """--packed-step adds one row per N: the 10 crops of a step in one packed stream, with
+    the model FLOPs of every crop."""
+    from slidessl.bench import bench_encoder, encoder_flops, packed_step_lengths
+
+    lines = []
+    rows, _ = bench_encoder(
+        "tiny", [64], [], "float32", "cpu", 1, out=lines.append, warmup=False, packed_step=True
+    )
+    packed = [r for r in rows if r["mode"] == "packed"]
+    assert len(packed) == 1 and packed[0]["batch"] == 10
+    assert packed_step_lengths(64) == [64, 64] + [16] * 8
+    eager = [r for r in rows if r["mode"] == "eager"][0]
+    enc = build_encoder("tiny")
+    # MFU x time is FLOPs / peak, one peak for both rows: the FLOP ratio of the two rows
+    ratio = (packed[0]["mfu"] * packed[0]["sec"]) / (eager["mfu"] * eager["sec"])
+    flops = sum(encoder_flops(enc, m) for m in packed_step_lengths(64))
+    assert abs(ratio - flops / encoder_flops(enc, 64)) < 1e-9 * ratio
+    assert packed[0]["tokens_per_s"] == sum(packed_step_lengths(64)) / packed[0]["sec"]
+    assert any("packed" in line for line in lines)
+
+
 def test_encoder_flops_counts_linear_and_attention():
     enc = build_encoder("tiny", attention="dense", depth=1, embed_dim=64, mlp_dim=128)
     n = 99

@@ -93,6 +93,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="also time replays of one fwd+bwd captured in a CUDA graph (CUDA only)",
     )
+    enc.add_argument(
+        "--packed-step",
+        action="store_true",
+        help="also time a multi-crop step (2 x N + 8 x N/4 tiles) as one packed stream",
+    )
     enc.set_defaults(func=_encoder)
 
 
@@ -140,5 +145,6 @@ def _encoder(args) -> int:
         warmup=not args.no_warmup,
         batch_sizes=args.batch,
         graphs=args.cuda_graphs,
+        packed_step=args.packed_step,
     )
     return 0
