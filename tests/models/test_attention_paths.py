@@ -57,6 +57,17 @@ def test_plan_is_cached():
     assert attention_mod._plan(1, 100, 4, [16, 64], [1, 2], "cpu") is a
 
 
+def _assert_reference(out, q, k, v, segs, dils, atol):
+    """``out`` and the gradients of q, k, v through it equal the float64 reference's."""
+    ref = reference_dilated_attention(q, k, v, segs, dils)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=atol)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=atol)
+
+
 def _graph_ops(tensor):
     seen, stack, names = set(), [tensor.grad_fn], set()
     while stack:
@@ -79,13 +90,7 @@ def test_no_sort_based_indexing_and_exact(n, h):
     out = dilated_attention(q, k, v, segs, dils)
     ops = _graph_ops(out)
     assert not {"IndexBackward0", "IndexPutBackward0", "ScatterAddBackward0"} & ops, ops
-    ref = reference_dilated_attention(q, k, v, segs, dils)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad((out * g).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, e in zip(got, exp):
-        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-9)
+    _assert_reference(out, q, k, v, segs, dils, atol=1e-9)
 
 
 @pytest.mark.parametrize("exact_grad", [True, False])
@@ -162,11 +167,4 @@ def test_combine_edge_layouts_match_reference(rng, n, h, segs, dils):
     plan = attention_mod._plan(1, n, h, segs, dils, "cpu")
     assert plan.pad_weight or not plan.covered
     q, k, v = (torch.randn(1, n, h, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = dilated_attention(q, k, v, segs, dils)
-    ref = reference_dilated_attention(q, k, v, segs, dils)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad((out * g).sum(), (q, k, v))
-    exp = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, e in zip(got, exp):
-        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
+    _assert_reference(dilated_attention(q, k, v, segs, dils), q, k, v, segs, dils, atol=1e-10)

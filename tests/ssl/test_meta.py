@@ -49,6 +49,18 @@ def _setup(rng, recipe="dino", *extra, n_slides=3):
     return cfg, arch, collate_views(views)
 
 
+def _double(batch):
+    return {
+        k: {
+            n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+            for n, t in v.items()
+        }
+        if isinstance(v, dict)
+        else v
+        for k, v in batch.items()
+    }
+
+
 def test_teacher_starts_as_student_and_gets_no_gradient(rng):
     _, arch, batch = _setup(rng, "dino", "crops.n_local=2")
     for (n, s), t in zip(arch.student.state_dict().items(), arch.teacher.state_dict().values()):
@@ -174,15 +186,7 @@ def test_head_chunking_changes_no_loss_or_gradient(rng):
     gradients are those of one unchunked call."""
     cfg, arch, batch = _setup(rng, "dinov2", "crops.mask_ratio=[0.3,0.5]", "ibot.chunk_tokens=null")
     arch.double()  # float64: the chunked and the one-call sums agree to rounding
-    batch = {
-        k: {
-            n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
-            for n, t in v.items()
-        }
-        if isinstance(v, dict)
-        else v
-        for k, v in batch.items()
-    }
+    batch = _double(batch)
     loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
     loss.backward()
     ref = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
@@ -205,18 +209,6 @@ def test_masked_cap_scores_fewer_tokens(rng):
     assert arch.max_masked == 2
     loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
     assert torch.isfinite(loss) and logs["ibot_loss"] > 0
-
-
-def _double(batch):
-    return {
-        k: {
-            n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t
-            for n, t in v.items()
-        }
-        if isinstance(v, dict)
-        else v
-        for k, v in batch.items()
-    }
 
 
 @pytest.mark.parametrize("recipe", ["dino", "dinov2"])
