@@ -184,3 +184,18 @@ def test_private_kernels_pass_their_check_on_this_torch():
 
     mod._PRIVATE_OK.pop("cpu", None)
     assert mod.private_kernels_ok("cpu")
+
+
+def test_private_kernel_check_is_not_fooled_by_autocast(monkeypatch):
+    """The one-time check runs in float32 even when the first attention call of the
+    process runs under bf16 autocast (a bf16 check would differ from the float32 math and
+    route every later call, bf16 or not, to the slow public path)."""
+    import warnings
+
+    from slidessl.models import lse as mod
+
+    monkeypatch.setattr(mod, "_PRIVATE_OK", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning would fail the test
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert mod.private_kernels_ok("cpu")

@@ -377,7 +377,8 @@ def _check_private(device_type: str) -> None:
     valid = torch.ones(1, 1, 1, 9, dtype=torch.bool, device=device_type)
     valid[..., -2:] = False
     scale = 8**-0.5
-    with torch.enable_grad():
+    # float32 whatever autocast the first call runs under (bf16 math would fail the match)
+    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
         out, lse = _KernelLse.apply(q, k, v, _kernel_bias(valid, q, k), scale)
         grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
         ref_out, ref_lse = _manual(q, k, v, valid, scale)
