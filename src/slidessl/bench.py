@@ -160,13 +160,19 @@ def encoder_step(encoder, n, device, dt, grid_side, batch=1, cache=True):
     x = torch.randn(batch, n, encoder.in_dim, device=device)
     idx = torch.arange(n, device=device)
     coords = torch.stack([idx % grid_side, idx // grid_side], -1)[None].expand(batch, -1, -1)
+    return _fwd_bwd(encoder, device, dt, cache, lambda: encoder.forward_tokens(x, coords))
+
+
+def _fwd_bwd(encoder, device, dt, cache, forward):
+    """The timed closure: ``forward()`` -> ``(cls, tokens)`` under autocast to ``dt``, a
+    squared-mean loss, backward."""
 
     def run():
         encoder.zero_grad(set_to_none=True)
         with torch.autocast(
             device.type, dtype=dt, enabled=dt != torch.float32, cache_enabled=cache
         ):
-            cls, tokens = encoder.forward_tokens(x, coords)
+            cls, tokens = forward()
         (cls.float().pow(2).mean() + tokens.float().pow(2).mean()).backward()
 
     return run
@@ -187,16 +193,7 @@ def packed_encoder_step(encoder, n, device, dt, cache=True):
     side = int(math.sqrt(n)) + 1
     idx = torch.cat([torch.arange(m, device=device) for m in lengths])
     coords = torch.stack([idx % side, idx // side], -1)
-
-    def run():
-        encoder.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device.type, dtype=dt, enabled=dt != torch.float32, cache_enabled=cache
-        ):
-            cls, tokens = encoder.forward_packed(x, coords, lengths)
-        (cls.float().pow(2).mean() + tokens.float().pow(2).mean()).backward()
-
-    return run
+    return _fwd_bwd(encoder, device, dt, cache, lambda: encoder.forward_packed(x, coords, lengths))
 
 
 def _graphed(step, device, warmup_iters=3):

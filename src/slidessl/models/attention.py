@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from slidessl.models.lse import (
     MASK_VALUE,
     attention_with_lse,
+    combine_branches,
     packed_attention_available,
     packed_dilated_attention,
 )
@@ -236,8 +237,7 @@ def _build_plan(seqs, h, segments, dilations, device) -> _Plan:
     start_row = 0
     for rows in sorted(per_class):
         parts = per_class[rows]
-        offsets = torch.tensor([seqs[s][0] for s, *_ in parts])
-        tok = torch.cat([off + p for off, (_, _, p, _) in zip(offsets.tolist(), parts)])
+        tok = torch.cat([seqs[s][0] + p for s, _, p, _ in parts])
         ok = torch.cat([o for *_, o in parts])  # (S, H, L)
         branch = torch.cat([torch.full((p.shape[0],), i) for _, i, p, _ in parts])  # (S,)
         n_seg = tok.shape[0]
@@ -413,14 +413,7 @@ def dilated_attention_qkv(
             lses.append(lse_c.reshape(size))
         tail = lses[0].new_full((1,), float("-inf"))
         rows_out, lse = torch.cat(outs), torch.cat([*lses, tail])
-        # each (token, head) gathers its nb branch rows and weights them by softmax(lse);
-        # a branch that does not keep it points at the appended -inf (weight exactly 0)
-        weight = lse.index_select(0, plan.rows_of).view(-1, 1, nb).softmax(-1)
-        if not plan.covered:  # a (token, head) no branch sees: all -inf, output 0
-            weight = weight.nan_to_num(0.0)
-        if weight.dtype != rows_out.dtype:
-            weight = weight.to(rows_out.dtype)
-        result = torch.bmm(weight, rows_out.index_select(0, plan.values_of).view(-1, nb, d))
+        result, _ = combine_branches(rows_out, lse, plan.rows_of, plan.values_of, nb, plan.covered)
     result = result.view(b, n, h, d)
     if padding_mask is not None:
         result = result.masked_fill(padding_mask[:, :, None, None], 0.0)

@@ -101,25 +101,16 @@ class SelfAttention(nn.Module):
             out = dilated_attention_qkv(
                 qkv, segments, self.dilations or [1], None, self.exact_grad, lengths
             )
-            out = out.reshape(b, n, e)
-            if self.inner_attn_ln is not None:
-                out = self.inner_attn_ln(out)
-            return self.out_proj(out)
-        if self.segments is not None and not self.alibi:
+        elif self.segments is not None and not self.alibi:
             out = dilated_attention_qkv(
                 qkv, self.segments, self.dilations, padding_mask, exact_grad=self.exact_grad
             )
-            out = out.reshape(b, n, e)
-            if self.inner_attn_ln is not None:
-                out = self.inner_attn_ln(out)
-            return self.out_proj(out)
-        q, k, v = qkv.unbind(3)
-        if self.alibi:
+        elif self.alibi:
             if coords is None:
                 raise ValueError("2-D ALiBi attention needs the tokens' grid coordinates")
-            out = alibi_attention(q, k, v, coords, self.slopes, padding_mask)
+            out = alibi_attention(*qkv.unbind(3), coords, self.slopes, padding_mask)
         else:
-            out = dense_attention(q, k, v, padding_mask)
+            out = dense_attention(*qkv.unbind(3), padding_mask)
         out = out.reshape(b, n, e)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)

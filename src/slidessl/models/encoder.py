@@ -215,6 +215,19 @@ class SlideEncoder(nn.Module):
                     f"got {m.dtype} {tuple(m.shape)}"
                 )
 
+    def _embed(self, x, coords, token_mask):
+        """Tile tokens: the projection, the mask token where ``token_mask``, positions."""
+        h = self.patch_embed(x)
+        if token_mask is not None:
+            h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype)[0], h)
+        return h + sincos_2d(coords, self.embed_dim, self.config["pos_mode"]).to(h.dtype)
+
+    def _block(self, blk, h, *args):
+        """One block, recomputed in backward under gradient checkpointing."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, h, *args, use_reentrant=False)
+        return blk(h, *args)
+
     def _trunk(self, x, coords, padding_mask, token_mask, center, keep=None):
         """Blocks over the input: ``(h, mask, states)``; ``h`` (B, 1+N, E) after the
         encoder norm, before the final norm; ``states`` the block input and block outputs
@@ -225,10 +238,7 @@ class SlideEncoder(nn.Module):
                 x = x - _masked_mean(x, padding_mask)
             else:
                 x = x - center.to(x.dtype).unsqueeze(1)
-        h = self.patch_embed(x)
-        if token_mask is not None:
-            h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype), h)
-        h = h + sincos_2d(coords, self.embed_dim, self.config["pos_mode"]).to(h.dtype)
+        h = self._embed(x, coords, token_mask)
         if self.grid_context is not None:
             h = h + self.grid_context(h, coords, padding_mask)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
@@ -242,10 +252,7 @@ class SlideEncoder(nn.Module):
         keep = set() if keep is None else keep
         states = [h] if 0 in keep else []
         for i, blk in enumerate(self.blocks, start=1):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(blk, h, mask, neighbours, coords, use_reentrant=False)
-            else:
-                h = blk(h, mask, neighbours, coords)
+            h = self._block(blk, h, mask, neighbours, coords)
             if i in keep:
                 states.append(h)
         if self.encoder_norm is not None:
@@ -331,19 +338,13 @@ class SlideEncoder(nn.Module):
                 sums = x.new_zeros(n_in, x.shape[1]).index_add(0, seq, x)
                 center = sums / reps.clamp_min(1)[:, None].to(x.dtype)
             x = x - center.to(x.dtype).repeat_interleave(reps, dim=0, output_size=t)
-        h = self.patch_embed(x)
-        if token_mask is not None:
-            h = torch.where(token_mask.unsqueeze(-1), self.mask_token[0].to(h.dtype), h)
-        h = h + sincos_2d(coords[None], self.embed_dim, self.config["pos_mode"])[0].to(h.dtype)
+        h = self._embed(x, coords, token_mask)
         order, cls_rows, tile_rows = (i.to(x.device) for i in _stream_index(tuple(lengths)))
         cls = self.cls_token[0].expand(n_in, -1).to(h.dtype)
         h = torch.cat([cls, h]).index_select(0, order)[None]  # (1, T + S, E): CLS, tiles, ...
         full = [n + 1 for n in lengths]
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(blk, h, None, None, None, full, use_reentrant=False)
-            else:
-                h = blk(h, None, None, None, full)
+            h = self._block(blk, h, None, None, None, full)
         if self.encoder_norm is not None:
             h = self.encoder_norm(h)
         out = self.norm(h[0])

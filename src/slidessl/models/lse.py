@@ -39,6 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "MASK_VALUE",
     "attention_with_lse",
+    "combine_branches",
     "get_backend",
     "get_lse_grad",
     "lse_grad_mode",
@@ -263,7 +264,8 @@ class _PackedDilated(torch.autograd.Function):
         outs, lses, raws, auxes = [], [], [], []
         for start, bs, h, rows, bias in blocks:
             size = bs * h * rows
-            q, k, v = (_rows(qkv, start, size, j, bs, h, rows, d) for j in range(3))
+            sl = slice(start, start + size)
+            q, k, v = (_rows(qkv[:, j], sl, bs, h, rows, d) for j in range(3))
             out, lse, aux = _kernel_forward(q, k, v, bias, scale)
             outs.append(out.reshape(size, d))
             lses.append(lse[..., :rows].reshape(size))
@@ -272,12 +274,8 @@ class _PackedDilated(torch.autograd.Function):
         lses.append(_constant(float("-inf"), lses[0].dtype, lses[0].device))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         lse = torch.cat(lses)
-        weight = lse.index_select(0, rows_of).view(-1, 1, nb).softmax(-1)
-        if not covered:  # a (token, head) that no branch sees: all -inf, output 0
-            weight = weight.nan_to_num(0.0)
-        if weight.dtype != out.dtype:
-            weight = weight.to(out.dtype)
-        result = torch.bmm(weight, out.index_select(0, values_of).view(-1, nb, d)).view(-1, d)
+        result, weight = combine_branches(out, lse, rows_of, values_of, nb, covered)
+        result = result.view(-1, d)
         kept = result if exact else out
         ctx.save_for_backward(qkv, kept, weight, *raws)
         ctx.blocks, ctx.auxes, ctx.scale, ctx.exact = blocks, auxes, scale, exact
@@ -301,18 +299,12 @@ class _PackedDilated(torch.autograd.Function):
         for (start, bs, h, rows, bias), lse, aux in zip(ctx.blocks, raws, ctx.auxes):
             size = bs * h * rows
             sl = slice(start, start + size)
-            q, k, v = (_rows(qkv, start, size, j, bs, h, rows, d) for j in range(3))
-            do, o = (_rows4(t, sl, bs, h, rows, d) for t in (d_rows, o_rows))
+            q, k, v = (_rows(qkv[:, j], sl, bs, h, rows, d) for j in range(3))
+            do, o = (_rows(t, sl, bs, h, rows, d) for t in (d_rows, o_rows))
             dq, dk, dv = _kernel_backward(do, q, k, v, bias, o, lse, aux, ctx.scale)
             # each block's gradients straight into their rows of one (R, 3, D) buffer
             torch.stack([t.reshape(size, d) for t in (dq, dk, dv)], dim=1, out=d_qkv[sl])
         return d_qkv, None, None, None, None
-
-
-def _rows4(t, sl, bs, h, rows, d):
-    """Rows ``sl`` of an (R, D) tensor as ``(bs, H, L, D)`` (contiguous on CUDA)."""
-    view = t[sl].view(bs, h, rows, d)
-    return view if t.device.type == "cpu" else view.contiguous()
 
 
 _CONSTANTS: dict = {}
@@ -327,11 +319,25 @@ def _constant(value: float, dtype, device) -> torch.Tensor:
     return hit
 
 
-def _rows(qkv, start, size, j, bs, h, rows, d):
-    """Block rows of q (j = 0), k or v as ``(bs, H, L, D)``: a strided view on the CPU
-    (its kernels read strides), contiguous on CUDA."""
-    t = qkv[start : start + size, j].view(bs, h, rows, d)
-    return t if qkv.device.type == "cpu" else t.contiguous()
+def _rows(t, sl, bs, h, rows, d):
+    """Rows ``sl`` of an (R, D) tensor (a q, k or v column of the packed rows, or a row
+    gradient) as ``(bs, H, L, D)``: a strided view on the CPU (its kernels read strides),
+    contiguous on CUDA."""
+    view = t[sl].view(bs, h, rows, d)
+    return view if t.device.type == "cpu" else view.contiguous()
+
+
+def combine_branches(out, lse, rows_of, values_of, nb, covered):
+    """The LongNet combine ``(T * H, 1, D)``: each (token, head) gathers its ``nb`` branch
+    rows of ``out`` (R, D) and weights them by the softmax of their ``lse`` (R + 1,);
+    ``rows_of`` points a branch that does not keep the position at the final ``-inf``
+    (weight exactly 0; ``values_of`` reads row 0 there). Also returns the weights."""
+    weight = lse.index_select(0, rows_of).view(-1, 1, nb).softmax(-1)
+    if not covered:  # a (token, head) that no branch sees: all -inf, output 0
+        weight = weight.nan_to_num(0.0)
+    if weight.dtype != out.dtype:
+        weight = weight.to(out.dtype)
+    return torch.bmm(weight, out.index_select(0, values_of).view(-1, nb, out.shape[-1])), weight
 
 
 def packed_attention_available(device, needs_grad: bool, exact_grad: bool) -> bool:
