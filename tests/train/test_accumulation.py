@@ -56,11 +56,7 @@ def test_k_micro_batches_equal_one_big_batch(tiny_cfg, make_batch, rng):
     assert l_big == pytest.approx(l_small, abs=1e-5)
     assert g_big.keys() == g_small.keys() and len(g_big) > 10
     for name, g in g_big.items():
-        # float32 noise scales with the tensor: with every global tile masked (a zero mask
-        # token, degenerate LayerNorm inputs) some gradients reach 1e27, and the summation
-        # order of one packed call differs between 4 slides and 2 + 2
-        scale = float(g.abs().max())
-        assert torch.allclose(g, g_small[name], atol=1e-6 * (1.0 + scale), rtol=1e-4), name
+        assert torch.allclose(g, g_small[name], atol=1e-6, rtol=1e-4), name
     for (name, p), q in zip(a_big.state_dict().items(), a_small.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-5), name
     # the step really trained and the centre really moved

@@ -31,12 +31,13 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, dtype=torch.float64) / heads)
 
 
-def alibi_bias(q_pos, k_pos, slopes, q_cls, k_cls) -> torch.Tensor:
+def alibi_bias(q_pos, k_pos, slopes, q_cls, k_cls, dtype=torch.float32) -> torch.Tensor:
     """``(B, H, Lq, Lk)`` bias ``-slope_h * ||q_pos - k_pos||``, 0 where either side is a CLS
-    (``q_cls`` (B|1, Lq), ``k_cls`` (B|1, Lk) bool)."""
+    (``q_cls`` (B|1, Lq), ``k_cls`` (B|1, Lk) bool), computed in float64, returned in
+    ``dtype`` (the attention's)."""
     dist = torch.cdist(q_pos.double(), k_pos.double())  # (B, Lq, Lk)
     dist = dist.masked_fill(q_cls[:, :, None] | k_cls[:, None, :], 0.0)
-    return (-slopes.to(dist)[None, :, None, None] * dist[:, None]).float()
+    return (-slopes.to(dist)[None, :, None, None] * dist[:, None]).to(dtype)
 
 
 def alibi_attention(q, k, v, coords, slopes, padding_mask=None, chunk: int = CHUNK):
@@ -49,14 +50,12 @@ def alibi_attention(q, k, v, coords, slopes, padding_mask=None, chunk: int = CHU
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     out = []
     for s in range(0, n1, chunk):
-        bias = alibi_bias(pos[:, s : s + chunk], pos, slopes, is_cls[:, s : s + chunk], is_cls)
+        bias = alibi_bias(
+            pos[:, s : s + chunk], pos, slopes, is_cls[:, s : s + chunk], is_cls, q.dtype
+        )
         if padding_mask is not None:
             bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-        out.append(
-            F.scaled_dot_product_attention(
-                qh[:, :, s : s + chunk], kh, vh, attn_mask=bias.to(q.dtype)
-            )
-        )
+        out.append(F.scaled_dot_product_attention(qh[:, :, s : s + chunk], kh, vh, attn_mask=bias))
     out = torch.cat(out, dim=2).transpose(1, 2)
     if padding_mask is not None:
         out = out.masked_fill(padding_mask[:, :, None, None], 0.0)

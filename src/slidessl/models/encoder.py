@@ -173,7 +173,14 @@ class SlideEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Xavier-uniform linears, zero biases, N(0, 0.02) CLS; MAGNETO sub-LN scaling."""
+        """Xavier-uniform linears, zero biases, N(0, 0.02) CLS and mask token; MAGNETO
+        sub-LN scaling.
+
+        The mask token is not zero (as MAE's): with no absolute positions, masked tiles
+        whose whole receptive field is masked would otherwise be exact zero vectors through
+        every block (zero biases at init), and LayerNorm's backward at a zero-variance input
+        multiplies the gradient by ``1 / sqrt(eps)`` (~316) per norm: 1e30 gradients after
+        nine of them, from a finite loss."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -182,7 +189,7 @@ class SlideEncoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.zeros_(self.mask_token)
+        nn.init.normal_(self.mask_token, std=0.02)
         if self.grid_context is not None:
             self.grid_context.reset_parameters()
         for blk in self.blocks:

@@ -19,7 +19,7 @@ Prov-GigaPath                              slidessl
 ``pos_embed`` (fixed sin-cos, if present)  recomputed on the fly
 =========================================  ==========================
 
-``mask_token`` (iBOT) does not exist there and keeps its zero init.
+``mask_token`` (iBOT) does not exist there and keeps its random init (N(0, 0.02)).
 
 Two position conventions exist in slidessl; this module implements the second:
 
