@@ -27,10 +27,10 @@ from slidessl import load_encoder
 from slidessl.data.dataset import SlideDataset
 from slidessl.data.manifest import load_manifest
 from slidessl.data.synthetic import make_cohort
+from slidessl.data.tasks import build_tasks
 from slidessl.eval.embed import build_embedder, embed_items
 from slidessl.eval.probe import run_probe
 from slidessl.eval.prototypes import PrototypeEmbedder
-from slidessl.eval.tasks import build_tasks
 from slidessl.train.config import load_config
 from slidessl.train.loop import pretrain
 

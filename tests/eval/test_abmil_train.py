@@ -1,10 +1,10 @@
 import numpy as np
 import torch
 
+from slidessl.data.tasks import Task
 from slidessl.eval.abmil import ABMILConfig, run_abmil
 from slidessl.eval.folds import make_folds
 from slidessl.eval.metrics import binary_auroc
-from slidessl.eval.tasks import Task
 
 
 def test_abmil_learns_a_planted_needle(rng):

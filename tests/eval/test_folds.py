@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from slidessl.data.tasks import Task
 from slidessl.eval.folds import make_folds, resolve_folds
-from slidessl.eval.tasks import Task
 
 
 def random_task(rng, n_patients=120, kind="binary"):

@@ -1,9 +1,9 @@
 import numpy as np
 
+from slidessl.data.tasks import Task
 from slidessl.eval.folds import grouped_stratified_split, make_folds
 from slidessl.eval.probe import _standardize, probe_task
 from slidessl.eval.results import summarize
-from slidessl.eval.tasks import Task
 
 
 def make(rng, n=200, d=40, kind="binary", signal=2.0):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slidessl.data.tasks import Task
 from slidessl.eval.folds import grouped_stratified_split
-from slidessl.eval.tasks import Task
 from slidessl.models.abmil import GatedABMIL
 from slidessl.progress import progress as progress_bar
 

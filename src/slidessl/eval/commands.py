@@ -172,10 +172,10 @@ def cmd_embed(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from slidessl.data.tasks import build_tasks
     from slidessl.eval.embed_io import read_embeddings
     from slidessl.eval.probe import run_probe
     from slidessl.eval.results import format_table, write_results
-    from slidessl.eval.tasks import build_tasks
 
     Cs = [float(c) for c in args.Cs.split(",") if c.strip()]
     manifest = _manifest(args.manifest, check_files=False)  # labels only
@@ -209,10 +209,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_abmil(args) -> int:
+    from slidessl.data.tasks import build_tasks
     from slidessl.eval.abmil import ABMILConfig, load_tile_features, run_abmil
     from slidessl.eval.folds import resolve_folds
     from slidessl.eval.results import format_table, summarize, write_results
-    from slidessl.eval.tasks import build_tasks
 
     manifest = _manifest(args.manifest)
     tasks = build_tasks(manifest, args.task)

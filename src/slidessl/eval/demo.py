@@ -150,13 +150,13 @@ def _diagnose(args, teachers, items, manifest, tasks, folds_path, out) -> None:
 def run_demo(args) -> int:
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
+    from slidessl.data.tasks import build_tasks
     from slidessl.eval.abmil import ABMILConfig, run_abmil
     from slidessl.eval.folds import resolve_folds
     from slidessl.eval.probe import run_probe
     from slidessl.eval.report import make_report
     from slidessl.eval.results import format_table, summarize, write_results
     from slidessl.eval.retrieval import run_retrieval
-    from slidessl.eval.tasks import build_tasks
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ def diagnose_items(
     encoder, desc: str, items: list[dict], manifest, tasks, folds, pooling: str = "mean",
     k: int = 5, seed: int = 0,
 ) -> dict:  # fmt: skip
-    """The three checks on preloaded slides (``tasks`` from ``eval.tasks.build_tasks``,
+    """The three checks on preloaded slides (``tasks`` from ``data.tasks.build_tasks``,
     ``folds`` the folds file shared with the other methods)."""
     from slidessl.eval.probe import run_probe
 
@@ -179,8 +179,8 @@ def run_diagnose(
     """All three checks; writes ``OUT/diagnose.json`` and returns it."""
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
+    from slidessl.data.tasks import build_tasks
     from slidessl.eval.embed import build_embedder
-    from slidessl.eval.tasks import build_tasks
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from slidessl.atomic import atomic_write_bytes
-from slidessl.eval.tasks import Task, stratification_key
+from slidessl.data.tasks import Task, stratification_key
 
 log = logging.getLogger(__name__)
 FORMAT = "slidessl-folds/1"

@@ -24,10 +24,10 @@ import numpy as np
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
+from slidessl.data.tasks import Task
 from slidessl.eval.folds import grouped_stratified_split, resolve_folds
 from slidessl.eval.logreg import LogRegPath, fit_path
 from slidessl.eval.results import summarize
-from slidessl.eval.tasks import Task
 
 log = logging.getLogger(__name__)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)

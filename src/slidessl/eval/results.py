@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slidessl.data.tasks import Task
 from slidessl.eval.metrics import bootstrap_ci, task_metrics
-from slidessl.eval.tasks import Task
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:

@@ -3,7 +3,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from slidessl.eval.tasks import build_task, build_tasks, parse_task_specs
+from slidessl.data.tasks import build_task, build_tasks, parse_task_specs
 
 
 def manifest(rows, cols):
