@@ -74,3 +74,26 @@ def test_bad_arguments(rng, kwargs, needle):
         block_mask(np.zeros((4, 2), dtype=np.int64), rng=rng, **kwargs)
     with pytest.raises(ValueError, match="probability"):
         sample_mask(np.zeros((4, 2), dtype=np.int64), rng, probability=2.0)
+
+
+def _deep_share(grid, m, r=2):
+    """Share of masked tiles whose whole (2r+1)^2 neighbourhood is masked (nothing left to
+    predict them from within a 5 x 5 receptive field)."""
+    where = {tuple(v): i for i, v in enumerate(grid.tolist())}
+    deep = 0
+    for i in np.flatnonzero(m):
+        x, y = grid[i]
+        nbs = [where.get((x + dx, y + dy)) for dx in range(-r, r + 1) for dy in range(-r, r + 1)]
+        deep += all(j is None or m[j] for j in nbs)
+    return deep / max(int(m.sum()), 1)
+
+
+def test_max_block_tiles_keeps_unmasked_neighbours(rng):
+    yy, xx = np.mgrid[0:40, 0:40]
+    grid = np.stack([xx.ravel(), yy.ravel()], 1)
+    big = block_mask(grid, 0.4, rng)
+    small = block_mask(grid, 0.4, rng, max_block_tiles=4)
+    assert int(small.sum()) == int(big.sum()) == 640  # the ratio stays exact
+    assert _deep_share(grid, big) > 0.3
+    assert _deep_share(grid, small) < _deep_share(grid, big) / 3
+    assert _components(grid, small) > 2 * _components(grid, big)

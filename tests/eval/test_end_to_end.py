@@ -99,7 +99,7 @@ def test_embed_probe_multilabel_retrieve_report(cohort, tmp_path, capsys):
         == 0
     )
     r = json.loads((tmp_path / "retr" / "retrieval.json").read_text())
-    assert 0 <= r["top1_acc"] <= r["top3_acc"] <= r["top5_acc"] <= 1
+    assert 0 <= r["acc@1"] <= r["acc@3"] <= r["acc@5"] <= 1
 
     assert main(["report", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "report.json").read_text())

@@ -211,12 +211,13 @@ def test_masked_cap_scores_fewer_tokens(rng):
     assert torch.isfinite(loss) and logs["ibot_loss"] > 0
 
 
-@pytest.mark.parametrize("recipe", ["dino", "dinov2"])
-def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe):
+@pytest.mark.parametrize("recipe,readout", [("dino", "cls"), ("dinov2", "cls"), ("dinov2", "mean")])
+def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe, readout):
     """train.pack_crops runs every crop of the micro-batch (globals and locals of all
     slides) as one packed stream per encoder: loss terms and student gradients equal the
     padded per-batch calls (float64), and the student encoder is called once."""
-    extra = ["crops.n_local=3"] + (["crops.mask_ratio=[0.3,0.5]"] if recipe == "dinov2" else [])
+    extra = ["crops.n_local=3", f"dino.readout={readout}"]
+    extra += ["crops.mask_ratio=[0.3,0.5]"] if recipe == "dinov2" else []
     cfg, arch, batch = _setup(rng, recipe, *extra, n_slides=3)
     arch.double()
     batch = _double(batch)
@@ -256,3 +257,23 @@ def test_packing_falls_back_for_grid_encoders(rng):
     assert not arch.pack_crops
     with pytest.raises(ValueError, match="forward_packed needs"):
         arch.student["backbone"].forward_packed(torch.zeros(2, 8), torch.zeros(2, 2), [2])
+
+
+def test_dino_reads_the_token_mean_with_readout_mean(rng):
+    """dino.readout=mean: the DINO head's input is the mean of the final (normed) tile
+    tokens of each crop, the vector `slidessl embed --pooling mean` reads."""
+    _, arch, batch = _setup(rng, "dino", "crops.n_local=2", "dino.readout=mean")
+    arch.pack_crops = False
+    seen = []
+    arch.teacher["dino_head"].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    arch.compute_loss(batch, teacher_temp=0.05)
+    g = batch["global"]
+    with torch.no_grad():
+        _, tokens = arch.teacher["backbone"].forward_tokens(
+            g["features"], g["coords"], g["padding_mask"], center=g["center"]
+        )
+    keep = (~g["padding_mask"]).unsqueeze(-1).float()
+    want = (tokens * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dino.readout"):
+        _setup(rng, "dino", "dino.readout=max")

@@ -42,9 +42,9 @@ def test_uniform_collapse_kl_to_center_is_zero():
 
 def test_nonfinite_guard_stops_after_limit():
     guard = NonFiniteGuard(2)
-    guard.record(4, float("nan"))
+    guard.record(4, {"loss": float("nan")})
     with pytest.raises(FloatingPointError, match="max_nan_steps=2"):
-        guard.record(9, float("inf"))
+        guard.record(9, {"loss": float("inf")})
     assert guard.count == 2 and guard.steps == [4, 9]
 
 

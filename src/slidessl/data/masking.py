@@ -31,13 +31,16 @@ def block_mask(
     rng: np.random.Generator,
     *,
     min_block_tiles: int = 4,
+    max_block_tiles: int | None = None,
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> np.ndarray:
     """Boolean (n,) mask: exactly ``round(ratio * n)`` tiles, covered by random rectangles.
 
     ``grid`` is (n, 2) integer positions. Block areas (in cells) are drawn between
-    ``min_block_tiles`` and the number still to mask, aspect ratios log-uniformly from
-    ``aspect``; the last block is trimmed at random so the count is exact.
+    ``min_block_tiles`` and the number still to mask (at most ``max_block_tiles`` when
+    given: small blocks leave every masked tile unmasked neighbours to be predicted from),
+    aspect ratios log-uniformly from ``aspect``; the last block is trimmed at random so the
+    count is exact.
     """
     g = np.asarray(grid, dtype=np.int64)
     if g.ndim != 2 or g.shape[1] != 2:
@@ -53,7 +56,8 @@ def block_mask(
     while (done := int(mask.sum())) < target:
         remaining = target - done
         lo = min(max(1, min_block_tiles), remaining)
-        area = rng.uniform(lo, max(lo, remaining))
+        hi = remaining if max_block_tiles is None else min(remaining, max(1, max_block_tiles))
+        area = rng.uniform(lo, max(lo, hi))
         r = math.exp(rng.uniform(log_lo, log_hi))
         w = max(1, int(round(math.sqrt(area * r))))
         h = max(1, int(round(math.sqrt(area / r))))
@@ -76,6 +80,7 @@ def sample_mask(
     probability: float = 0.5,
     ratio: tuple[float, float] = (0.1, 0.5),
     min_block_tiles: int = 4,
+    max_block_tiles: int | None = None,
 ) -> np.ndarray:
     """With ``probability``, a block mask at a ratio drawn uniformly from ``ratio``; else none."""
     if not 0.0 <= probability <= 1.0:
@@ -85,4 +90,10 @@ def sample_mask(
     n = len(grid)
     if n == 0 or rng.random() >= probability:
         return np.zeros(n, dtype=bool)
-    return block_mask(grid, rng.uniform(ratio[0], ratio[1]), rng, min_block_tiles=min_block_tiles)
+    return block_mask(
+        grid,
+        rng.uniform(ratio[0], ratio[1]),
+        rng,
+        min_block_tiles=min_block_tiles,
+        max_block_tiles=max_block_tiles,
+    )

@@ -92,6 +92,7 @@ class MultiCropConfig:
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = field(default=(0.1, 0.5))
     mask_min_block_tiles: int = 4
+    mask_max_block_tiles: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("global_scale", "local_scale", "aspect_ratio", "mask_ratio"):
@@ -374,6 +375,7 @@ class MultiCrop:
                 probability=cfg.mask_probability,
                 ratio=cfg.mask_ratio,
                 min_block_tiles=cfg.mask_min_block_tiles,
+                max_block_tiles=cfg.mask_max_block_tiles,
             )
             crop["ibot_mask"] = torch.from_numpy(mask)
         return crop

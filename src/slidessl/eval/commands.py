@@ -51,6 +51,12 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=2, help="threads (2)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
     p.add_argument("--method", help="name in tables (default: embeddings file stem)")
+    p.add_argument(
+        "--shots",
+        help="also run few-shot probes with K labelled patients per class for each K given, "
+        "e.g. 1,2,4,8,16 (TITAN's protocol, docs/evaluation.md)",
+    )
+    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K (50)")
     p.add_argument("--out", required=True, help="output folder DIR")
     p.set_defaults(func=cmd_probe)
 
@@ -195,6 +201,14 @@ def cmd_probe(args) -> int:
         where=args.embeddings,
     )
     method = args.method or Path(args.embeddings).stem
+    fewshot = None
+    if args.shots:
+        from slidessl.eval.fewshot import format_fewshot, parse_shots, run_fewshot
+
+        shots = parse_shots(args.shots)
+        fewshot = run_fewshot(ids, X, tasks, shots, args.draws, args.seed, args.embeddings)
+        for task, summary in zip(res[0], res[3]):
+            summary["fewshot"] = fewshot[task.name]
     extra = {
         "kind": "linear-probe",
         "embeddings": str(args.embeddings),
@@ -204,6 +218,8 @@ def cmd_probe(args) -> int:
     }
     path = write_results(args.out, method, *res, extra=extra)
     print(format_table(method, {t.name: s for t, s in zip(res[0], res[3])}))
+    if fewshot is not None:
+        print(format_fewshot(method, fewshot, shots))
     print(f"metrics: {path}")
     return 0
 

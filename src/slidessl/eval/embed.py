@@ -39,6 +39,7 @@ import torch
 from slidessl.data.collate import pad_crops
 from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
 from slidessl.eval.prototypes import PrototypeEmbedder, is_prototype_spec
+from slidessl.models.encoder import readout
 from slidessl.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,7 @@ def embed_batch(encoder, items: list[dict], pooling: str = "cls") -> np.ndarray:
         )
     if kind == "pooled":
         return encoder(x, g, mask).float().numpy()
-    cls, tokens = encoder.forward_tokens(x, g, mask)
-    if kind == "cls":
-        return cls.float().numpy()
-    keep = (~mask).unsqueeze(-1).float()
-    return ((tokens.float() * keep).sum(1) / keep.sum(1)).numpy()
+    return readout(encoder, x, g, mask, kind).numpy()
 
 
 def embed_items(encoder, items: list[dict], pooling: str = "cls", batch_size: int = 4):

@@ -178,7 +178,16 @@ def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
     return written
 
 
-def plot_training(csv_path: Path, fig_dir: Path) -> str | None:
+def _column(rows: list[dict], name: str) -> np.ndarray:
+    return np.array(
+        [float(r[name]) if r.get(name) not in (None, "", "nan") else np.nan for r in rows]
+    )
+
+
+def plot_training(csv_path: Path, fig_dir: Path, name: str = "") -> str | None:
+    """The health of one pretraining run from its ``metrics.csv``: losses (with ``log K``),
+    gradient norm / update-to-weight ratio / distance from the initial weights (log scale),
+    the label-aware k-NN monitor against its step-0 (random init) value, the schedules."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,25 +197,60 @@ def plot_training(csv_path: Path, fig_dir: Path) -> str | None:
         rows = list(csv.DictReader(fh))
     if not rows or "step" not in rows[0]:
         return None
-    step = np.array([float(r["step"]) for r in rows])
-    wanted = [c for c in rows[0] if c.endswith("loss")] + [
-        c for c in ("lr", "teacher_temp", "momentum", "grad_norm") if c in rows[0]
-    ]
-    if not wanted:
+    cols = list(rows[0])
+    step = _column(rows, "step")
+    losses = [c for c in cols if c.endswith("loss")]
+    if not losses:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for c in wanted:
-        vals = np.array([float(r[c]) if r[c] not in ("", "nan") else np.nan for r in rows])
-        ax = axes[0] if c.endswith("loss") else axes[1]
-        ax.plot(
-            step, vals if ax is axes[0] else vals / max(np.nanmax(np.abs(vals)), 1e-12), label=c
-        )
-    axes[0].set(xlabel="step", title="pretraining losses")
-    axes[1].set(xlabel="step", title="schedules (each scaled to its max)")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    ax = axes[0]
+    for c in losses:
+        ax.plot(step, _column(rows, c), label=c)
+    cfg_path = csv_path.parent / "config.yaml"
+    if cfg_path.exists():
+        import yaml
+
+        k = (yaml.safe_load(cfg_path.read_text()) or {}).get("dino", {}).get("out_dim")
+        if k:
+            ax.axhline(math.log(k), color="grey", ls=":", label=f"log K (K={k})")
+    ax.set(xlabel="step", title="pretraining losses")
+    ax = axes[1]
+    for c in ("grad_norm", "update_ratio", "weight_dist"):
+        if c in cols:
+            v = _column(rows, c)
+            ax.plot(step[v > 0], v[v > 0], label=c)
+    ax.set(xlabel="step", yscale="log", title="gradient norm, update / weight, distance from init")
+    ax = axes[2]
+    if "knn_auroc" in cols:
+        v = _column(rows, "knn_auroc")
+        ax.plot(step[np.isfinite(v)], v[np.isfinite(v)], "o-", label="teacher k-NN AUROC")
+        init = _column(rows, "knn_auroc_init")
+        if np.isfinite(init).any():
+            ax.axhline(
+                float(init[np.isfinite(init)][0]),
+                color="grey",
+                ls="--",
+                label="step 0 (random init)",
+            )
+        ax.set(title="label-aware monitor (held-out)")
+    else:
+        ax.text(0.5, 0.5, "no label monitor\n(monitor.eval_manifest)", ha="center", va="center")
+        ax.set(title="label-aware monitor")
+    ax.set(xlabel="step")
+    ax = axes[3]
+    for c in ("lr", "teacher_temp", "momentum"):
+        if c in cols:
+            v = _column(rows, c)
+            ax.plot(step, v / max(np.nanmax(np.abs(v)), 1e-12), label=c)
+    ax.set(xlabel="step", title="schedules (each scaled to its max)")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if name:
+        fig.suptitle(f"pretraining: {name}")
     fig.tight_layout()
-    path = fig_dir / "training_curves.png"
+    stem = "training_curves" + (f"_{name}" if name else "")
+    path = fig_dir / f"{stem}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return str(path)
@@ -267,7 +311,11 @@ def make_report(run_dir):
     fig_dir.mkdir(exist_ok=True)
     curves = plot_curves(pred_files, fig_dir)
     csvs = sorted(run_dir.rglob("metrics.csv"))
-    training = plot_training(csvs[0], fig_dir) if csvs else None
+    training = [
+        p
+        for p in (plot_training(c, fig_dir, c.parent.name if len(csvs) > 1 else "") for c in csvs)
+        if p
+    ]
     maps = slide_maps(run_dir, fig_dir)
     retrieval = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("retrieval.json"))]
     diagnoses = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("diagnose.json"))]
@@ -293,19 +341,19 @@ def make_report(run_dir):
         md += [
             "## Leave-one-patient-out retrieval (cosine)",
             "",
-            "| method | label | top-1 | top-3 | top-5 | majority@5 | mAP@5 |",
+            "| method | label | Acc@1 | Acc@3 | Acc@5 | MVAcc@5 | mAP@5 |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in retrieval:
             md.append(
-                f"| {r['method']} | {r['label']} | {r['top1_acc']:.3f} | "
-                f"{r['top3_acc']:.3f} | {r['top5_acc']:.3f} | {r['majority5_acc']:.3f} | "
+                f"| {r['method']} | {r['label']} | {r['acc@1']:.3f} | "
+                f"{r['acc@3']:.3f} | {r['acc@5']:.3f} | {r['mvacc@5']:.3f} | "
                 f"{_num(r['map@5']):.3f} |"
             )
         md.append("")
     if diagnoses:
         md += _diagnose_section(diagnoses)
-    figs = [*curves, *([training] if training else []), *[m["path"] for m in maps]]
+    figs = [*curves, *training, *[m["path"] for m in maps]]
     if figs:
         md += ["## Figures", ""]
         md += [f"![{Path(f).stem}](figures/{Path(f).name})" for f in figs]

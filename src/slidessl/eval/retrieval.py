@@ -1,12 +1,13 @@
 """Leave-one-patient-out slide retrieval by cosine similarity of slide embeddings.
 
 Each slide queries all slides of **other** patients (its own patient's slides, itself
-included, are never candidates: they would leak the label). With the ranked neighbours:
+included, are never candidates: they would leak the label). With the ranked neighbours,
+under TITAN's names (Ding et al., 2024, slide retrieval):
 
-- ``top{k}_acc``: a query counts when at least one of its k nearest neighbours shares its
-  label (the "top-k accuracy" of Yottixel / RetCCL style search papers);
-- ``majority{k}_acc``: the majority label of the k nearest neighbours equals the query's
-  (ties broken by the summed similarity of the tied labels);
+- ``acc@{k}`` (Acc@K): a query counts when at least one of its k nearest neighbours shares
+  its label (the "top-k accuracy" of Yottixel / RetCCL style search papers);
+- ``mvacc@{k}`` (MVAcc@K): the majority label of the k nearest neighbours equals the
+  query's (ties broken by the summed similarity of the tied labels);
 - ``map@{k}``: mean over queries of AP@k = (1 / min(k, R)) * sum_{i<=k} P@i * rel_i, R the
   number of relevant candidates of the query (queries with R = 0 are left out).
 """
@@ -54,7 +55,7 @@ def retrieval_metrics(X: np.ndarray, labels, patients, ks=(1, 3, 5)) -> dict:
     out = {"n_queries": n, "n_patients": len(set(patients))}
     for k in ks:
         r = rel[:, :k]
-        out[f"top{k}_acc"] = float(r.any(axis=1).mean())
+        out[f"acc@{k}"] = float(r.any(axis=1).mean())
         votes = []
         for i in range(n):
             tally: dict = {}
@@ -65,7 +66,7 @@ def retrieval_metrics(X: np.ndarray, labels, patients, ks=(1, 3, 5)) -> dict:
                     tally[lab] = (cnt + 1, s + sim[i, j])
             best = max(tally.items(), key=lambda t: t[1])[0] if tally else None
             votes.append(best == labels[i])
-        out[f"majority{k}_acc"] = float(np.mean(votes))
+        out[f"mvacc@{k}"] = float(np.mean(votes))
         prec = np.cumsum(r, axis=1) / np.arange(1, r.shape[1] + 1)
         denom = np.minimum(k, n_relevant)
         has = denom > 0

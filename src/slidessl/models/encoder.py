@@ -33,8 +33,10 @@ from slidessl.models.gridconv import GridContext, grid_neighbours
 from slidessl.models.posenc import POS_MODES, sincos_2d
 
 __all__ = [
+    "READOUTS",
     "SlideEncoder",
     "build_encoder",
+    "readout",
     "pack_padded",
     "PRESETS",
     "DEFAULT_SEGMENTS",
@@ -439,6 +441,25 @@ class SlideEncoder(nn.Module):
     def forward(self, x, coords, padding_mask=None) -> torch.Tensor:
         """Slide embedding (B, E): CLS, or the token mean for ``pool="mean"``."""
         return self.forward_head(self.forward_features(x, coords, padding_mask), padding_mask)
+
+
+READOUTS = ("cls", "mean")
+
+
+def readout(encoder, x, coords, padding_mask=None, kind: str = "mean") -> torch.Tensor:
+    """``(B, E)`` float32 slide vectors of a padded batch: the final CLS (``cls``) or the mean
+    of the final (normed) tile tokens over each slide's real tiles (``mean``, the readout of
+    the shipped recipes). What ``slidessl embed --pooling cls|mean`` and the pretraining's
+    label-aware monitor read."""
+    if kind not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {kind!r}")
+    cls, tokens = encoder.forward_tokens(x, coords, padding_mask)
+    if kind == "cls":
+        return cls.float()
+    if padding_mask is None:
+        return tokens.float().mean(1)
+    keep = (~padding_mask).unsqueeze(-1).float()
+    return (tokens.float() * keep).sum(1) / keep.sum(1)
 
 
 def _masked_mean(x: torch.Tensor, padding_mask) -> torch.Tensor:

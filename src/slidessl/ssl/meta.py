@@ -75,6 +75,16 @@ def cap_masked(mask: torch.Tensor, cap: int | None) -> torch.Tensor:
     return mask & (rank < int(cap))
 
 
+def _segment_mean(tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """``(S, E)`` mean of each of the ``S`` back-to-back runs of ``lengths`` rows of ``tokens``."""
+    reps = torch.as_tensor(lengths, device=tokens.device)
+    seq = torch.arange(len(lengths), device=tokens.device).repeat_interleave(
+        reps, output_size=tokens.shape[0]
+    )
+    sums = tokens.new_zeros(len(lengths), tokens.shape[1]).index_add(0, seq, tokens)
+    return sums / reps.clamp_min(1)[:, None].to(tokens.dtype)
+
+
 class SSLMetaArch(nn.Module):
     """``student`` / ``teacher``: ``ModuleDict(backbone, dino_head[, ibot_head])``."""
 
@@ -96,6 +106,11 @@ class SSLMetaArch(nn.Module):
         self.ibot_weight = float(ib["loss_weight"])
         self.koleo_weight = float(ko["loss_weight"])
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
+        # the slide vector the DINO head (and KoLeo) reads: the CLS, or the mean of the final
+        # tile tokens - the vector `slidessl embed --pooling mean` reads
+        self.readout = str(d.get("readout", "cls"))
+        if self.readout not in ("cls", "mean"):
+            raise ValueError(f"dino.readout must be 'cls' or 'mean', got {self.readout!r}")
         # memory bounds of the masked-token heads (tokens x K logits): rows per head call,
         # masked tokens scored per crop
         self.head_chunk = ib.get("chunk_tokens")
@@ -185,8 +200,9 @@ class SSLMetaArch(nn.Module):
 
     def _encode(self, backbone, crops: list[dict], token_mask=None, select=None):
         """Encode padded crop batches (the collate's ``global`` / ``local`` dicts):
-        ``(cls of each batch, tokens of crops[0] where select)``; ``token_mask`` and
-        ``select`` are ``(B, N)`` bool over ``crops[0]`` (``select`` None: no tokens).
+        ``(slide vector of each batch, tokens of crops[0] where select)``; the slide vector is
+        the CLS or the token mean (``dino.readout``); ``token_mask`` and ``select`` are
+        ``(B, N)`` bool over ``crops[0]`` (``select`` None: no tokens).
 
         With ``pack_crops`` every row of every batch goes through the encoder as one packed
         token stream (no padding, one GEMM per linear layer, one attention call per segment
@@ -205,9 +221,10 @@ class SSLMetaArch(nn.Module):
             if token_mask is not None:
                 packed_mask = torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
                 packed_mask[:t0] = pack_padded(token_mask, lengths[0])
-            cls, tokens = backbone.forward_packed(
-                feats, coords, [n for ns in lengths for n in ns], packed_mask, center
-            )
+            flat = [n for ns in lengths for n in ns]
+            cls, tokens = backbone.forward_packed(feats, coords, flat, packed_mask, center)
+            if self.readout == "mean":
+                cls = _segment_mean(tokens, flat)
             parts = list(cls.split([len(n) for n in lengths]))
             chosen = None if select is None else tokens[:t0][pack_padded(select, lengths[0])]
             return parts, chosen
@@ -220,6 +237,9 @@ class SSLMetaArch(nn.Module):
                 token_mask=token_mask if i == 0 else None,
                 center=c.get("center"),
             )
+            if self.readout == "mean":
+                keep = (~c["padding_mask"]).unsqueeze(-1).to(tokens.dtype)
+                cls = (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)
             parts.append(cls)
             if i == 0 and select is not None:
                 chosen = tokens[select]

@@ -108,12 +108,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def capture_train_state(
-    *, arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg
+    *, arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg, extra=None
 ) -> dict:
     """Everything a resumed run needs to continue exactly: student, teacher, centres,
     optimizer, scaler, step / epoch / position in the data, RNG states, NaN guard,
-    collapse monitor, run statistics, the encoder and run configs."""
+    collapse monitor, run statistics, the encoder and run configs; ``extra`` maps names to
+    further objects with ``state_dict`` (the loss-stall and label monitors)."""
+    extra = {f"extra/{k}": v.state_dict() for k, v in (extra or {}).items()}
     return {
+        **extra,
         "format": "slidessl-train-1",
         "student": arch.student.state_dict(),
         "teacher": arch.teacher.state_dict(),
@@ -134,7 +137,9 @@ def capture_train_state(
     }
 
 
-def restore_train_state(path, device, *, arch, optimizer, scaler, guard, monitor, stats) -> dict:
+def restore_train_state(
+    path, device, *, arch, optimizer, scaler, guard, monitor, stats, extra=None
+) -> dict:
     """Load ``path`` into the given parts (the inverse of :func:`capture_train_state`);
     returns the state dict for the loop's own fields (step, sampler, global batch)."""
     state = load_checkpoint(path, map_location=device)
@@ -147,5 +152,8 @@ def restore_train_state(path, device, *, arch, optimizer, scaler, guard, monitor
     guard.load_state_dict(state["nan_guard"])
     monitor.load_state_dict(state["monitor"])
     stats.load_state_dict(state["stats"])
+    for key, obj in (extra or {}).items():
+        if f"extra/{key}" in state:
+            obj.load_state_dict(state[f"extra/{key}"])
     restore_rng_state(state["rng"])
     return state

@@ -53,11 +53,24 @@ def build_slide_dataset(cfg: dict):
 
 
 class CropDataset(Dataset):
-    """``ds[i]`` -> multi-crop views of slide ``i`` (or ``None`` for a skipped bad slide)."""
+    """``ds[i]`` -> multi-crop views of slide ``i`` (or ``None`` for a skipped bad slide).
 
-    def __init__(self, slides, multicrop, seed: int) -> None:
+    ``patient_pairs`` = p > 0: with probability p, a slide whose patient has other slides
+    takes its second and later global crops and the second half of its local crops from
+    one of them (drawn at random): positive pairs across slides of one patient, who share
+    the patient's labels but not the slide's incidental make-up (no label is read; the
+    manifest's ``patient_id`` is)."""
+
+    def __init__(self, slides, multicrop, seed: int, patient_pairs: float = 0.0) -> None:
         self.slides, self.multicrop, self.seed = slides, multicrop, int(seed)
         self.epoch = 0
+        self.patient_pairs = float(patient_pairs)
+        if not 0.0 <= self.patient_pairs <= 1.0:
+            raise ValueError(f"data.patient_pairs must lie in [0, 1], got {patient_pairs}")
+        groups: dict[str, list[int]] = {}
+        for i, entry in enumerate(getattr(slides, "entries", [])):
+            groups.setdefault(entry.patient_id, []).append(i)
+        self.siblings = {i: [j for j in g if j != i] for g in groups.values() for i in g}
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s crops and (for capped slides) ``epoch``'s tile subsample."""
@@ -73,7 +86,17 @@ class CropDataset(Dataset):
         if slide is None:
             return None
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        return self.multicrop(slide, rng)
+        views = self.multicrop(slide, rng)
+        others = self.siblings.get(int(index))
+        if self.patient_pairs > 0 and others and rng.random() < self.patient_pairs:
+            other = self.slides[others[int(rng.integers(len(others)))]]
+            if other is not None:
+                second = self.multicrop(other, rng)
+                views["global"][1:] = second["global"][1:]
+                half = len(views["local"]) // 2
+                views["local"][half:] = second["local"][half:]
+                views["paired_with"] = other["slide_id"]
+        return views
 
 
 class _WorkerInit:

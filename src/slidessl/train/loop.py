@@ -26,6 +26,7 @@ from slidessl.train.distributed import (
     init_distributed,
     wrap_model,
 )
+from slidessl.train.health import LossStall, WeightDrift
 from slidessl.train.memory import check_memory
 from slidessl.train.monitor import CollapseMonitor, MetricsWriter, MonitorWindow, NonFiniteGuard
 from slidessl.train.optim import build_optimizer
@@ -67,7 +68,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     ckpt_io.seed_everything(seed)
 
     slides = build_slide_dataset(cfg)
-    crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed)
+    crops = CropDataset(slides, build_multicrop(cfg["crops"]), seed, cfg["data"]["patient_pairs"])
     micro, accum = t["batch_size"], t["accum_steps"]
     global_batch = micro * accum * ctx.world_size
     sampler = SlideShardSampler(
@@ -96,8 +97,14 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     m = cfg["monitor"]
     monitor = CollapseMonitor(m["usage_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])
     window = MonitorWindow(m["window_slides"])
-    guard = NonFiniteGuard(t["max_nan_steps"])
+    guard = NonFiniteGuard(t["max_nan_steps"], t["grad_norm_warn"])
     stats = RunStats()
+    # the initial weights (the random init every evaluation compares against): before resume
+    drift = WeightDrift(list(arch.student["backbone"].parameters()))
+    stall = LossStall(m["loss_stall_steps"], cfg["dino"]["out_dim"])
+    # the label monitor embeds with the teacher: on every rank under FSDP (sharded weights)
+    labels = _label_monitor(cfg, device) if ctx.is_main or fsdp else None
+    health = {"loss_stall": stall, **({"label_monitor": labels} if labels else {})}
     step = 0
     if resume:
         latest = ckpt_io.latest_checkpoint(ckpt_dir)
@@ -112,6 +119,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
             guard=guard,
             monitor=monitor,
             stats=stats,
+            extra=health,
         )
         step = int(state["step"])
         saved = state.get("sampler", {})
@@ -148,6 +156,9 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
             device,
         )
 
+    if labels is not None and labels.init is None:
+        init = labels.evaluate(arch.teacher["backbone"], 0)
+        log.info("label monitor at step 0 (the random init): k-NN AUROC %.4f", init)
     bar = _progress(t, ctx, stop_at, step)
     log_every, ckpt_every = max(t["log_every"], 1), t["checkpoint_every"]
     keep = t["keep_checkpoints"]
@@ -166,6 +177,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if not micro_batches:
                     raise RuntimeError(f"step {step}: every slide of the batch was skipped as bad")
                 sched = schedules.at(step)
+                logged = (step + 1) % log_every == 0 or step + 1 == stop_at
                 res = optimizer_step(
                     model,
                     arch,
@@ -175,25 +187,31 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                     device=device,
                     precision=t["precision"],
                     clip_grad=cfg["optim"]["clip_grad"],
+                    drift=drift if logged else None,
                 )
+                if logged:
+                    res["weight_dist"] = drift.distance()  # collective under FSDP
                 step_time = time.perf_counter() - t0
                 stats.add(res, t_data, step_time)
                 if not res["finite"]:
-                    guard.record(step, res.get("loss", float("nan")))
+                    guard.record(step, res)
+                else:
+                    guard.check_norm(step, res["grad_norm"])
                 step += 1
                 window.add(arch.take_monitor_rows())
-                if ctx.is_main and (step % log_every == 0 or step == stop_at):
+                if labels is not None and logged:
+                    every = max(cfg["monitor"]["eval_every"], 1)
+                    res["knn_auroc_init"] = labels.init
+                    if step % every == 0 or step == stop_at:
+                        res["knn_auroc"] = labels.evaluate(arch.teacher["backbone"], step)
+                if ctx.is_main and logged:
+                    stall.check(step, res.get("dino_loss", float("nan")))
                     timing = (t_data, step_time)
                     row = _log_row(step, epoch, res, sched, timing, arch, monitor, window)
                     writer.write(row)
                     stats.last_monitors = dict(monitor.last)
                 if bar is not None:  # the postfix must not force a redraw (log files)
-                    bar.set_postfix(
-                        loss=f"{res.get('loss', float('nan')):.4f}",
-                        lr=f"{sched['lr']:.2e}",
-                        slides_s=f"{res['slides'] / max(step_time, 1e-9):.2f}",
-                        refresh=False,
-                    )
+                    bar.set_postfix(_postfix(res, sched, step_time, labels), refresh=False)
                     bar.update(1)
                 if (ctx.is_main or fsdp) and (
                     ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
@@ -209,6 +227,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                         monitor=monitor,
                         stats=stats,
                         cfg=cfg,
+                        extra=health,
                     )
                     ckpt_io.save_checkpoint(state, ckpt_dir, step, keep)
             del batches, loader
@@ -220,7 +239,9 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     export_teacher(arch, out / "teacher", ctx.is_main)  # collective under FSDP
     if ctx.is_main:
         skipped = list(getattr(slides, "skipped", []))
-        write_summary(out, stats, monitor, guard, skipped, step, stop_at, cfg, memory)
+        write_summary(
+            out, stats, monitor, guard, skipped, step, stop_at, cfg, memory, health=health
+        )
     return out
 
 
@@ -232,9 +253,51 @@ def _feature_dim(slides) -> int:
 
 
 def _build_arch(cfg: dict, feature_dim: int):
+    """The meta-architecture, its weights drawn right after seeding torch with ``cfg.seed``:
+    the student's initial backbone is exactly ``slidessl embed random:OUT/teacher --seed
+    SEED`` (the random init every evaluation compares the pretrained teacher with)."""
     from slidessl.ssl.meta import SSLMetaArch
 
+    torch.manual_seed(int(cfg["seed"]))
     return SSLMetaArch.from_config(cfg, feature_dim)
+
+
+def _label_monitor(cfg: dict, device):
+    """The label-aware k-NN monitor of ``monitor.eval_manifest`` (None when unset)."""
+    m = cfg["monitor"]
+    if not m["eval_manifest"]:
+        return None
+    if not m["eval_task"]:
+        raise ValueError(
+            "monitor.eval_manifest is set but monitor.eval_task is not: name a label column"
+        )
+    from slidessl.train.label_monitor import LabelMonitor
+
+    cap = m["eval_max_tiles"] if m["eval_max_tiles"] is not None else cfg["data"]["max_tiles"]
+    return LabelMonitor(
+        m["eval_manifest"],
+        m["eval_task"],
+        k=m["eval_k"],
+        pooling=m["eval_pooling"],
+        max_tiles=cap,
+        seed=cfg["seed"],
+        device=device,
+    )
+
+
+def _postfix(res: dict, sched: dict, step_time: float, labels) -> dict:
+    """The progress bar's health line: loss, grad norm, update ratio, the label monitor."""
+    out = {
+        "loss": f"{res.get('loss', float('nan')):.4f}",
+        "gnorm": f"{res.get('grad_norm', float('nan')):.3g}",
+        "lr": f"{sched['lr']:.2e}",
+    }
+    if "update_ratio" in res:
+        out["upd"] = f"{res['update_ratio']:.2e}"
+    if labels is not None and labels.history:
+        out["knn"] = f"{labels.history[-1][1]:.3f}/{labels.init:.3f}"
+    out["slides_s"] = f"{res['slides'] / max(step_time, 1e-9):.2f}"
+    return out
 
 
 def _progress(t: dict, ctx, total: int, initial: int):
@@ -256,6 +319,8 @@ def _log_row(step, epoch, res, sched, timing, arch, monitor, window) -> dict:
             "momentum": sched["momentum"],
             "teacher_temp": sched["teacher_temp"],
             "grad_norm": res["grad_norm"],
+            "update_ratio": res.get("update_ratio", float("nan")),
+            "weight_dist": res.get("weight_dist", float("nan")),
             "slides_per_s": res["slides"] / max(step_time, 1e-9),
             "data_wait_frac": t_data / max(step_time, 1e-9),
             "finite": res["finite"],
@@ -266,4 +331,7 @@ def _log_row(step, epoch, res, sched, timing, arch, monitor, window) -> dict:
     if stats:
         monitor.check(stats, step)
         row.update(stats)
+    if "knn_auroc_init" in res:  # label monitor columns: blank on steps it did not run
+        row["knn_auroc"] = res.get("knn_auroc", "")
+        row["knn_auroc_init"] = res["knn_auroc_init"]
     return row

@@ -121,37 +121,71 @@ class CollapseMonitor:
 
 
 class NonFiniteGuard:
-    """Counts skipped optimizer steps with a NaN/Inf loss; stops after ``max_count``."""
+    """Counts skipped optimizer steps (a non-finite loss or gradient); stops the run after
+    ``max_count`` with a message naming the loss terms and the modules whose gradients blew
+    up. Warns when a finite gradient norm exceeds ``norm_warn`` (None: never)."""
 
-    def __init__(self, max_count: int) -> None:
+    def __init__(self, max_count: int, norm_warn: float | None = None) -> None:
         self.max_count = int(max_count)
+        self.norm_warn = None if norm_warn is None else float(norm_warn)
         self.count = 0
         self.steps: list[int] = []
+        self.norm_warnings = 0
+        self.last: dict = {}
 
-    def record(self, step: int, loss: float) -> None:
+    def record(self, step: int, res: dict) -> None:
+        """A skipped step: ``res`` the step's logs (loss terms, ``grad_norm``,
+        ``skip_reason``, ``culprits``)."""
         self.count += 1
         self.steps.append(int(step))
-        log.warning(
-            "step %d: non-finite loss (%s); step skipped (%d/%d)",
-            step,
-            loss,
-            self.count,
-            self.max_count,
-        )
+        terms = {k: v for k, v in res.items() if k.endswith("loss")}
+        self.last = {
+            "step": int(step),
+            "reason": res.get("skip_reason", "non-finite loss"),
+            "loss_terms": terms,
+            "grad_norm": res.get("grad_norm"),
+            "culprits": res.get("culprits", ""),
+        }
+        desc = self._describe()
+        log.warning("step %d: %s; step skipped (%d/%d)", step, desc, self.count, self.max_count)
         if self.count >= self.max_count:
             raise FloatingPointError(
-                f"stopping: {self.count} optimizer steps had a non-finite loss (steps "
+                f"stopping: {self.count} optimizer steps were skipped (steps "
                 f"{self.steps[-5:]}); the limit is train.max_nan_steps={self.max_count}. "
-                "Lower optim.lr, raise optim.warmup_epochs, use train.precision=fp32 or "
-                "check the input features for NaN/Inf."
+                f"Last: {desc}. Lower optim.lr, raise optim.warmup_epochs, use "
+                "train.precision=fp32 or check the input features for NaN/Inf."
             )
 
+    def _describe(self) -> str:
+        last = self.last
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in sorted(last["loss_terms"].items()))
+        where = f"; gradients blew up in {last['culprits']}" if last["culprits"] else ""
+        norm = last["grad_norm"]
+        return f"{last['reason']} (loss terms: {terms or 'none'}; grad norm {norm}{where})"
+
+    def check_norm(self, step: int, norm: float) -> bool:
+        """Warn (and count) when a finite gradient norm is above the ceiling."""
+        if self.norm_warn is None or not math.isfinite(norm) or norm <= self.norm_warn:
+            return False
+        self.norm_warnings += 1
+        log.warning(
+            "step %d: gradient norm %.4g above train.grad_norm_warn=%.4g (clipped to "
+            "optim.clip_grad before the update; a run of these means the run is blowing up)",
+            step,
+            norm,
+            self.norm_warn,
+        )
+        return True
+
     def state_dict(self) -> dict:
-        return {"count": self.count, "steps": list(self.steps)}
+        return {"count": self.count, "steps": list(self.steps), "last": dict(self.last),
+                "norm_warnings": self.norm_warnings}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.count = int(state.get("count", 0))
         self.steps = list(state.get("steps", []))
+        self.last = dict(state.get("last", {}))
+        self.norm_warnings = int(state.get("norm_warnings", 0))
 
 
 class MetricsWriter:

@@ -34,6 +34,7 @@ class DataConfig:
     num_workers: int = MISSING
     prefetch_factor: int = MISSING
     pin_memory: Any = MISSING  # "auto" or a bool
+    patient_pairs: float = MISSING
 
 
 @dataclass
@@ -56,6 +57,7 @@ class HeadConfig:
 @dataclass
 class DinoConfig(HeadConfig):
     centering: str = MISSING
+    readout: str = MISSING
 
 
 @dataclass
@@ -112,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
     max_nan_steps: int = MISSING
+    grad_norm_warn: float | None = MISSING
     progress: bool = MISSING
     tensorboard: bool = MISSING
 
@@ -122,6 +125,13 @@ class MonitorConfig:
     usage_min_frac: float = MISSING
     kl_center_min: float = MISSING
     cls_std_min_frac: float = MISSING
+    loss_stall_steps: int = MISSING
+    eval_manifest: str | None = MISSING
+    eval_task: str | None = MISSING
+    eval_every: int = MISSING
+    eval_k: int = MISSING
+    eval_pooling: str = MISSING
+    eval_max_tiles: int | None = MISSING
 
 
 @dataclass

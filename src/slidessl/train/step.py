@@ -3,8 +3,9 @@
 Each micro-batch's loss is scaled by its share of the slides in the step, so the summed
 gradient equals the gradient of the big batch's mean loss; gradients are all-reduced only on
 the last micro-step (DDP ``no_sync``); the teacher centres, the schedules and the EMA update
-happen once per optimizer step, after all micro-batches. A non-finite loss on any rank skips
-the whole step on every rank (gradients, centre sums and the EMA update are dropped).
+happen once per optimizer step, after all micro-batches. A non-finite loss on any rank or a
+non-finite gradient skips the whole step on every rank (gradients, centre sums and the EMA
+update are dropped): the loss alone does not tell (see :mod:`slidessl.train.health`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from slidessl.train.distributed import all_reduce_sum
+from slidessl.train.health import grad_culprits, grad_norms, local
 from slidessl.train.optim import apply_schedules, drop_frozen_grads
 
 __all__ = ["autocast_context", "optimizer_step"]
@@ -28,30 +30,13 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-@torch.no_grad()
-def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
-    """Global L2 norm of the gradients, scaled down to ``max_norm`` when above it.
-
-    FSDP gradients are disjoint shards (DTensors): their squared norms are summed over
-    ranks, so every rank clips with the norm of the whole gradient, as DDP does.
-    """
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), device=device, dtype=torch.float32)
-    for g in grads:
-        sq = sq + g.detach().float().pow(2).sum()
-    if any(hasattr(p.grad, "to_local") for p in params if p.grad is not None):
-        sq = all_reduce_sum(sq)
-    norm = float(sq.sqrt())
+def _clip(params, norm: float, max_norm: float | None) -> None:
+    """Scale the gradients down to a global norm of ``max_norm`` when ``norm`` is above it
+    (FSDP shards are scaled alike, their norm being the whole gradient's)."""
     if max_norm is not None and max_norm > 0 and math.isfinite(norm):
         coef = float(max_norm) / (norm + 1e-6)
         if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
-    return norm
+            torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], coef)
 
 
 def optimizer_step(
@@ -64,13 +49,18 @@ def optimizer_step(
     device: torch.device,
     precision: str = "fp32",
     clip_grad: float | None = None,
+    drift=None,
 ) -> dict[str, float]:
     """``arch.forward_backward`` on every micro-batch, then one optimizer + centre + EMA
-    update.
+    update - unless a loss on any rank or any gradient is non-finite: then nothing is
+    applied (gradients, centre sums and the EMA update are dropped).
 
-    ``model`` is the (possibly DDP-wrapped) ``arch``. Returns the step's logs: the slide-
-    weighted mean of each loss term over all ranks, ``grad_norm``, ``slides`` (global) and
-    ``finite`` (0.0 when the step was skipped).
+    ``model`` is the (possibly DDP-wrapped) ``arch``; ``drift`` a
+    :class:`~slidessl.train.health.WeightDrift` whose ``update_ratio`` this step measures.
+    Returns the step's logs: the slide-weighted mean of each loss term over all ranks,
+    ``grad_norm`` (before clipping), ``slides`` (global), ``finite`` (0.0 when the step was
+    skipped) and, for a skipped step, ``skip_reason`` and ``culprits`` (the modules whose
+    gradients blew up, with their norms).
     """
     apply_schedules(optimizer, sched["lr"], sched["wd"], bool(sched["last_layer_frozen"]))
     optimizer.zero_grad(set_to_none=True)
@@ -81,29 +71,37 @@ def optimizer_step(
     sums, finite = arch.forward_backward(
         micro_batches, sched["teacher_temp"], model=model, device=device, precision=precision
     )
-
-    flag = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=device))
-    finite = bool(flag.item() == 0)
+    if sched["last_layer_frozen"]:
+        drop_frozen_grads(optimizer)
+    named = [(n, p) for n, p in arch.student.named_parameters() if p.grad is not None]
+    params = [p for _, p in named]
+    total, norms = grad_norms(params)  # identical on every rank after DDP / FSDP reduction
+    bad_loss = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=device))
     keys = sorted(sums)
     stacked = all_reduce_sum(torch.stack([sums[k] for k in keys]))
-    total = world_slides.clamp_min(1.0)
-    out = {k: float(v) for k, v in zip(keys, stacked / total)}
-    out["slides"] = float(world_slides.item())
+    # the step's one host sync: loss flags, gradient norm and the logged loss terms together
+    host = torch.cat([x.double().reshape(-1) for x in (world_slides, bad_loss, total, stacked)])
+    host = host.cpu().tolist()
+    slides, loss_ok, norm = host[0], host[1] == 0, host[2]
+    out = {k: v / max(slides, 1.0) for k, v in zip(keys, host[3:])}
+    out["slides"] = slides
     out["world"] = float(world)
+    out["grad_norm"] = norm
 
-    if not finite:
+    if not (loss_ok and math.isfinite(norm)):
+        out["skip_reason"] = "non-finite loss" if not loss_ok else "non-finite gradient"
+        out["culprits"] = grad_culprits(named, norms) if norms else ""
         optimizer.zero_grad(set_to_none=True)
         arch.discard_pending_centers()
         out["finite"] = 0.0
-        out["grad_norm"] = float("nan")
         return out
-    if sched["last_layer_frozen"]:
-        drop_frozen_grads(optimizer)
-    params = [p for p in arch.student.parameters() if p.grad is not None]
-    norm = clip_gradients(params, clip_grad)
+    _clip(params, norm, clip_grad)
+    if drift is not None:
+        drift.before_step()
     optimizer.step()
     arch.update_centers()
     arch.update_teacher(float(sched["momentum"]))
     out["finite"] = 1.0
-    out["grad_norm"] = norm if math.isfinite(norm) else float("nan")
+    if drift is not None:
+        out["update_ratio"] = drift.update_ratio()
     return out

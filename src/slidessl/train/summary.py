@@ -22,9 +22,14 @@ class RunStats:
         self.slides = 0.0
         self.last_monitors: dict[str, float] = {}
         self.skipped_reads = 0
+        self.grad_norms: list[float] = []
+        self.last: dict[str, float] = {}
 
     def add(self, res: dict, data_time: float, step_time: float) -> None:
         self.losses.append(float(res.get("loss", float("nan"))))
+        self.grad_norms.append(float(res.get("grad_norm", float("nan"))))
+        if "weight_dist" in res:
+            self.last["weight_dist"] = float(res["weight_dist"])
         for key, value in res.items():
             if key.endswith("_loss"):
                 self.terms.setdefault(key, []).append(float(value))
@@ -41,6 +46,8 @@ class RunStats:
             "slides": self.slides,
             "last_monitors": dict(self.last_monitors),
             "skipped_reads": self.skipped_reads,
+            "grad_norms": list(self.grad_norms),
+            "last": dict(self.last),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -50,6 +57,8 @@ class RunStats:
         self.slides = state["slides"]
         self.last_monitors = dict(state.get("last_monitors", {}))
         self.skipped_reads = int(state.get("skipped_reads", 0))
+        self.grad_norms = list(state.get("grad_norms", []))
+        self.last = dict(state.get("last", {}))
 
 
 def full_state_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -77,6 +86,25 @@ def export_teacher(arch, folder: Path, is_main: bool = True) -> Path:
     return folder
 
 
+def _median(values: list[float]) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    return finite[len(finite) // 2] if finite else None
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3g}"
+
+
+def _label_line(labels) -> str:
+    if labels is None or not labels.history:
+        return ""
+    step, last = labels.history[-1]
+    return (
+        f"\n  label monitor ({labels.task.name}, k-NN AUROC): {last:.4f} at step {step} vs "
+        f"{labels.init:.4f} at step 0 (random init)"
+    )
+
+
 def _window_mean(values: list[float], first: bool) -> float:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
@@ -96,9 +124,14 @@ def write_summary(
     stop_at: int,
     cfg: dict,
     memory=None,
+    health: dict | None = None,
 ) -> dict:
     """Write ``summary.json`` and print a short human summary; returns the dict. ``memory``:
-    the step's peak-memory estimate (:class:`slidessl.train.memory.MemoryEstimate`)."""
+    the step's peak-memory estimate (:class:`slidessl.train.memory.MemoryEstimate`);
+    ``health``: the loss-stall monitor (``loss_stall``) and the label monitor
+    (``label_monitor``, when configured)."""
+    health = health or {}
+    stall, labels = health.get("loss_stall"), health.get("label_monitor")
     summary = {
         "steps": step,
         "planned_steps": stop_at,
@@ -112,6 +145,20 @@ def write_summary(
         "collapse_warnings": dict(monitor.warnings),
         "collapse_thresholds": dict(monitor.thresholds),
         "nan_steps": guard.count,
+        "nan_last": dict(guard.last),
+        "grad_norm_warnings": guard.norm_warnings,
+        "grad_norm_median": _median(stats.grad_norms),
+        "grad_norm_max": max(stats.grad_norms, default=None),
+        "loss_stall_warnings": stall.warnings if stall is not None else None,
+        "weight_dist_last": stats.last.get("weight_dist"),
+        "label_monitor": None
+        if labels is None
+        else {
+            "task": labels.task.name,
+            "k": labels.k,
+            "init": labels.init,
+            "history": labels.history,
+        },  # fmt: skip
         "skipped_bad_slides": len(skipped),
         "skipped_reads": stats.skipped_reads,
         "skipped_slides": [{"slide_id": str(s[0]), "reason": str(s[1])} for s in skipped],
@@ -134,6 +181,9 @@ def write_summary(
         f"(mean of first/last 10%: {summary['loss_first_10pct_mean']:.4f} -> "
         f"{summary['loss_last_10pct_mean']:.4f})\n"
         f"  monitors: {mons or 'n/a'}; collapse warnings: {warned or 'none'}\n"
+        f"  grad norm median {_fmt(summary['grad_norm_median'])}, max "
+        f"{_fmt(summary['grad_norm_max'])}; weight distance from init "
+        f"{_fmt(summary['weight_dist_last'])}{_label_line(labels)}\n"
         f"  non-finite steps skipped: {guard.count}; bad slides skipped: {len(skipped)} "
         f"(+{stats.skipped_reads} failed reads)\n"
         f"  teacher: {out / 'teacher'}  summary: {out / 'summary.json'}"

@@ -1,0 +1,248 @@
+"""Does pretraining pay over its own random init? Each method lever on / off, same draws.
+
+Every variant is a CPU recipe (``--recipe``, default ``dinov2+cpu``) with some overrides,
+pretrained (on the labelled cohort itself, or on ``--pretrain-slides`` unlabelled slides of
+another seed), its teacher read with one readout, and scored on the labelled cohort with
+the instruments of docs/evaluation.md, all on the same stored folds and draws:
+
+- few-shot (TITAN's protocol: K labelled patients per class, logistic regression, 50
+  draws): AUROC mean over K = 1, 2, 4, 8 (± mean over K of the std over draws) and at K=4,
+  on ``tumor_high`` (composition) and ``infiltrated`` (arrangement);
+- the full-data 5-fold linear probe AUROC (fold mean ± std) of both, and of ``normal_apart``;
+- MVAcc@5 retrieval on ``infiltrated``;
+- the run's health: DINO loss first -> last 10 steps, max grad norm, distance from init.
+
+Under every variant, the random init of the *same* architecture and readout (the weights
+the run started from), and the label-free baselines (mean pooling, ``cooc:16``, random init
++ PCA whitening) are rows of the same table. Results are cached per variant in OUT.
+
+    python benchmarks/pretrain_ablation.py --out runs/abl_a --variants base,"cls readout"
+    python benchmarks/pretrain_ablation.py --out runs/abl_b --seed 1 --slides 240 --variants best
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slidessl import load_encoder
+from slidessl.data.dataset import SlideDataset
+from slidessl.data.manifest import load_manifest
+from slidessl.data.synthetic import make_cohort
+from slidessl.data.tasks import build_tasks
+from slidessl.eval.embed import build_embedder, embed_items
+from slidessl.eval.fewshot import run_fewshot
+from slidessl.eval.probe import run_probe
+from slidessl.eval.prototypes import PrototypeEmbedder
+from slidessl.eval.retrieval import retrieval_metrics
+from slidessl.train.config import load_config
+from slidessl.train.loop import pretrain
+
+FEW = "tumor_high,infiltrated"
+FULL = "tumor_high,infiltrated,normal_apart"
+SHOTS = (1, 2, 4, 8)
+
+# name -> (overrides of the recipe, readout, what it tests)
+VARIANTS: dict[str, tuple[list[str], str, str]] = {
+    "base": ([], "mean", "the recipe as configured"),
+}
+
+
+def _load_variants(path: Path | None) -> None:
+    """More variants from a JSON file ``{name: [overrides, readout, what]}``."""
+    if path is not None and path.exists():
+        for name, (ov, readout, what) in json.loads(path.read_text()).items():
+            VARIANTS[name] = (list(ov), readout, what)
+
+
+def _cohort(root: Path, n: int, seed: int, lo: int, hi: int) -> Path:
+    manifest = root / "manifest.csv"
+    if not manifest.exists():
+        make_cohort(root, n, seed=seed, min_tiles=lo, max_tiles=hi)
+    return manifest
+
+
+def _embed(encoder, items, readout, ids) -> np.ndarray:
+    """Slide vectors in the order of ``ids`` (embed_items batches by length)."""
+    got, X = embed_items(encoder, items, readout, batch_size=8)
+    index = {s: i for i, s in enumerate(got)}
+    return X[[index[s] for s in ids]]
+
+
+def _pca_whiten(X: np.ndarray) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    n_comp = min(X.shape[0] - 1, X.shape[1])
+    return PCA(n_components=n_comp, whiten=True, random_state=0).fit_transform(X)
+
+
+def _scores(ids, X, tasks_few, tasks_full, manifest, folds, seed) -> dict:
+    few = run_fewshot(ids, X, tasks_few, SHOTS, 50, seed)
+    full = run_probe(ids, X, tasks_full, folds, 5, seed, n_boot=200)
+    out = {"fewshot": {}, "full": {}}
+    for name, r in few.items():
+        stds = [r[str(k)]["std"] for k in SHOTS if str(k) in r]
+        out["fewshot"][name] = {
+            "mean_over_k": r["mean_over_k"],
+            "std_over_draws": float(np.mean(stds)),
+            "k4": r["4"]["mean"],
+            "k4_std": r["4"]["std"],
+            "per_k": {str(k): r[str(k)]["mean"] for k in SHOTS if str(k) in r},
+        }
+    for t, s in zip(full[0], full[3]):
+        out["full"][t.name] = {"mean": s["auroc_mean"], "std": s["auroc_std"]}
+    index = {sid: i for i, sid in enumerate(ids)}
+    rows = [e for e in manifest.entries if e.slide_id in index]
+    ret = retrieval_metrics(
+        X[[index[e.slide_id] for e in rows]],
+        [e.labels["infiltrated"] for e in rows],
+        [e.patient_id for e in rows],
+        ks=(5,),
+    )
+    out["mvacc5_infiltrated"] = ret["mvacc@5"]
+    return out
+
+
+def _health(run_dir: Path) -> dict:
+    with (run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    dino = np.array([float(r["dino_loss"]) for r in rows])
+    grad = np.array([float(r["grad_norm"]) for r in rows])
+    wd = [float(r["weight_dist"]) for r in rows if r.get("weight_dist") not in (None, "", "nan")]
+    return {
+        "dino_first10": float(np.nanmean(dino[:10])),
+        "dino_last10": float(np.nanmean(dino[-10:])),
+        "grad_max": float(np.nanmax(grad)),
+        "grad_finite": bool(np.isfinite(grad).all()),
+        "weight_dist": wd[-1] if wd else float("nan"),
+        "steps": len(rows),
+    }
+
+
+def _fmt(r: dict) -> list[str]:
+    cells = []
+    for t in FEW.split(","):
+        f = r["fewshot"][t]
+        cells.append(f"{f['mean_over_k']:.3f} ± {f['std_over_draws']:.3f} / {f['k4']:.3f}")
+    for t in FULL.split(","):
+        s = r["full"][t]
+        cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
+    cells.append(f"{r['mvacc5_infiltrated']:.3f}")
+    return cells
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--slides", type=int, default=180)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-tiles", type=int, default=200)
+    ap.add_argument("--max-tiles", type=int, default=4000)
+    ap.add_argument("--pretrain-slides", type=int, default=0,
+                    help="pretrain on this many unlabelled slides of seed + 100 (0: on the "
+                    "labelled cohort itself)")  # fmt: skip
+    ap.add_argument("--recipe", default="dinov2+cpu")
+    ap.add_argument("--variants", default="base", help="names separated by ';'")
+    ap.add_argument("--variants-file", type=Path, help="JSON {name: [overrides, readout, what]}")
+    ap.add_argument("--common", default="", help="overrides for every variant, ';'-separated")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    _load_variants(args.variants_file)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = _cohort(out / "cohort", args.slides, args.seed, args.min_tiles, args.max_tiles)
+    train_manifest = manifest_path
+    if args.pretrain_slides:
+        train_manifest = _cohort(out / "unlabelled", args.pretrain_slides, args.seed + 100,
+                                 args.min_tiles, args.max_tiles)  # fmt: skip
+    manifest = load_manifest(manifest_path)
+    tasks_few = build_tasks(manifest, [FEW])
+    tasks_full = build_tasks(manifest, [FULL])
+    folds = out / "folds.json"
+    cache = out / "results.json"
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    ds = SlideDataset(manifest, max_tiles=args.max_tiles, seed=args.seed)
+    items = [ds[i] for i in range(len(ds))]
+    ids = [it["slide_id"] for it in items]
+    dim = items[0]["features"].shape[1]
+    common = [c for c in args.common.split(";") if c]
+
+    def score(X):
+        return _scores(ids, X, tasks_few, tasks_full, manifest, folds, args.seed)
+
+    if "baselines" not in results:
+        t = time.time()
+        rows = {"mean pooling": score(np.stack([it["features"].mean(0).numpy() for it in items]))}
+        emb = PrototypeEmbedder.fit_items("cooc:16", items, args.seed)
+        rows["cooc:16"] = score(emb(items))
+        results["baselines"] = {"rows": rows, "seconds": time.time() - t}
+        cache.write_text(json.dumps(results, indent=1, default=float))
+    for name in [v for v in args.variants.split(";") if v]:
+        if name in results:
+            continue
+        overrides, readout, _what = VARIANTS[name]
+        run_dir = out / "runs" / name.replace(" ", "_").replace(",", "").replace(":", "")
+        cfg = load_config(
+            args.recipe,
+            [f"data.manifest={train_manifest}", f"out={run_dir}", f"seed={args.seed}",
+             "train.progress=false", "train.checkpoint_every=0", *common, *overrides],
+        )  # fmt: skip
+        t = time.time()
+        pretrain(cfg)
+        train_s = time.time() - t
+        enc = load_encoder(run_dir / "teacher").eval()
+        X = _embed(enc, items, readout, ids)
+        rand, _ = build_embedder(f"random:{run_dir / 'teacher'}", dim, args.seed)
+        Xr = _embed(rand, items, readout, ids)
+        results[name] = {
+            "rows": {
+                name: score(X),
+                f"{name}, random-init": score(Xr),
+                f"{name}, random-init + PCA whitening": score(_pca_whiten(Xr)),
+            },
+            "health": _health(run_dir),
+            "train_seconds": train_s,
+            "seconds": time.time() - t,
+            "overrides": [*common, *overrides],
+            "readout": readout,
+        }
+        cache.write_text(json.dumps(results, indent=1, default=float))
+        print(f"[ablation] {name}: {time.time() - t:.0f} s", flush=True)
+
+    print(
+        f"\nCohort: {args.slides} labelled slides, seed {args.seed}; pretraining on "
+        + (
+            f"{args.pretrain_slides} unlabelled slides (seed {args.seed + 100})"
+            if args.pretrain_slides
+            else "the same slides, labels unread"
+        )  # fmt: skip
+        + f"; recipe {args.recipe} {' '.join(common)}"
+    )
+    head = [f"{t} few-shot mean K=1,2,4,8 ± std / K=4" for t in FEW.split(",")]
+    head += [f"{t} full probe" for t in FULL.split(",")] + ["MVAcc@5 infiltrated", "health"]
+    print("| variant | " + " | ".join(head) + " |")
+    print("| --- |" + " --- |" * len(head))
+    for name in ["baselines", *[v for v in args.variants.split(";") if v]]:
+        res = results.get(name)
+        if res is None:
+            continue
+        h = res.get("health")
+        for row, r in res["rows"].items():
+            health = ""
+            if h and row == name:
+                health = (
+                    f"DINO {h['dino_first10']:.2f} -> {h['dino_last10']:.2f}, grad max "
+                    f"{h['grad_max']:.3g}, dist {h['weight_dist']:.3f}"
+                )
+            print(f"| {row} | " + " | ".join(_fmt(r)) + f" | {health} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
