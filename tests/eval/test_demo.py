@@ -16,7 +16,7 @@ def test_demo_compares_three_recipes_and_every_baseline(tmp_path, capsys):
     code = main(
         [
             "demo", "--out", str(out), "--manifest", str(manifest), "--k", "3",
-            "--task", "tumor_high,infiltrated", "--prototypes", "4",
+            "--task", "tumor_high,infiltrated", "--prototypes", "4", "--draws", "3",
             "train.max_steps=2", "train.progress=false", "data.num_workers=0",
             "crops.region_max_tiles=64", "crops.global_max_tiles=40", "crops.local_max_tiles=12",
             "dino.out_dim=64", "ibot.out_dim=64",
@@ -25,11 +25,22 @@ def test_demo_compares_three_recipes_and_every_baseline(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     methods = ["dino", "dinov2", "dinov2_grid", "random-init", "meanpool", "prototypes", "cooc"]
+    methods += ["random-init-pca"]
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
     for m in methods + ["abmil"]:
-        assert f"\n{m} " in text or text.startswith(f"{m} ")
+        label = {"random-init-pca": "random-init + PCA whitening", "abmil": "ABMIL"}.get(m, m)
+        assert sum(label in line for line in rows) >= 2, m  # the AUROC and few-shot tables
     report = json.loads((out / "report.json").read_text())
     got = {(r["method"], r["task"]) for r in report["results"]}
     assert {(m, t) for m in methods + ["abmil"] for t in ("tumor_high", "infiltrated")} <= got
+    # few-shot for every method, on the same draws (the same K values and draw count)
+    few = {(r["method"], r["task"]): r for r in report["results"] if r.get("fewshot_mean")}
+    assert {(m, t) for m in methods + ["abmil"] for t in ("tumor_high", "infiltrated")} <= set(few)
+    assert {tuple(r["fewshot_shots"]) for r in few.values()} == {(1, 2, 4, 8)}
+    # a plain verdict per pretrained recipe against its random init
+    assert len(report["random_init_verdict"]) == 3
+    assert all("vs its random init" in v for v in report["random_init_verdict"])
+    assert any("MVAcc@5" in line for line in text.splitlines())
     # one verdict per pretrained recipe and task, against the baselines only
     assert len(report["verdict"]) == 3 * 2
     assert all("baseline" in v for v in report["verdict"])

@@ -73,3 +73,34 @@ def test_parse_shots():
     for bad in ("0,1", "a", ""):
         with pytest.raises(ValueError, match="positive integers"):
             parse_shots(bad)
+
+
+def test_abmil_scorer_runs_on_the_same_draws(rng):
+    """ABMIL as the few-shot classifier: it sees exactly the draws the logistic probe sees
+    and learns a tile-level signal from K = 4 slides per class."""
+    import torch
+
+    from slidessl.eval.abmil import ABMILConfig, fewshot_scorer
+
+    task = _task(rng, "binary", n_patients=24)
+    feats = []
+    for y in task.y:
+        x = rng.standard_normal((30, 6))
+        x[:5, 0] += 3.0 * y  # a few positive-class tiles
+        feats.append(torch.as_tensor(x, dtype=torch.float32))
+    cfg = ABMILConfig(epochs=15, lr=5e-3, train_tiles=30, proj_dim=16, attn_dim=8, dropout=0.0)
+    seen = []
+    abmil = fewshot_scorer(feats, task, cfg)
+
+    def spy(train, y_train, test, multiclass):
+        seen.append(tuple(train))
+        return abmil(train, y_train, test, multiclass)
+
+    res = fewshot_task(None, task, shots=(4,), draws=3, seed=2, scorer=spy)
+    assert res["4"]["mean"] > 0.8
+    logged = []
+    fewshot_task(
+        rng.standard_normal((len(task.y), 3)), task, shots=(4,), draws=3, seed=2,
+        scorer=lambda tr, yt, te, mc: (logged.append(tuple(tr)), np.zeros(len(te)))[1],
+    )  # fmt: skip
+    assert seen == logged

@@ -277,3 +277,33 @@ def test_dino_reads_the_token_mean_with_readout_mean(rng):
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="dino.readout"):
         _setup(rng, "dino", "dino.readout=max")
+
+
+def test_vicreg_term_joins_the_loss(rng):
+    """vicreg.loss_weight > 0 adds the variance-covariance term of the student's global slide
+    vectors (one per global crop index) and reaches the encoder."""
+    _, arch, batch = _setup(rng, "dino", "crops.n_local=2", "vicreg.loss_weight=2.0")
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
+    assert "vicreg_loss" in logs and float(logs["vicreg_loss"]) > 0
+    total = logs["dino_loss"] + 2.0 * logs["vicreg_loss"]
+    torch.testing.assert_close(logs["loss"], total)
+    loss.backward()
+    assert arch.student["backbone"].patch_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_arrangement_term(rng, local):
+    """arrange.loss_weight > 0: each student global crop against its tiles shuffled. An
+    encoder that cannot see positions (dense blocks, no positions) scores exactly log 2;
+    neighbourhood attention sees the shuffle and gets a gradient from it."""
+    arch_kw = ["model.overrides.pos_mode=none", "dino.readout=mean"]
+    if local:  # (one block: its tile tokens see their neighbours, its CLS does not yet)
+        arch_kw += ["model.overrides.local_kernel=3", "model.overrides.local_depth=1"]
+    cfg, arch, batch = _setup(rng, "dino", "crops.n_local=2", "arrange.loss_weight=1.0", *arch_kw)
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
+    if local:
+        assert abs(float(logs["arrange_loss"]) - np.log(2)) > 1e-4
+        loss.backward()
+        assert arch.student["backbone"].blocks[0].self_attn.rel_bias.grad is not None
+    else:
+        assert float(logs["arrange_loss"]) == pytest.approx(np.log(2), abs=1e-5)

@@ -93,19 +93,12 @@ def _predict(
     return z, _scores(kind, z)
 
 
-def train_fold(
-    feats: list[torch.Tensor], task: Task, train: np.ndarray, test: np.ndarray, cfg: ABMILConfig
-) -> tuple[np.ndarray, dict]:
-    """Train on ``train`` (indices; an inner split of it for early stopping), score ``test``."""
+def _fit(feats, task: Task, fit, val, cfg: ABMILConfig):
+    """A GatedABMIL trained on slides ``fit``; with ``val`` (indices) the weights of the
+    epoch with the lowest validation loss are kept (early stopping, ``cfg.patience``),
+    without it every ``cfg.epochs`` epoch runs. Returns ``(model, history)``."""
     target, n_out = _targets(task)
     gen = torch.Generator().manual_seed(cfg.seed)  # tile subsets
-    groups = np.asarray(task.patient_ids)[train]
-    if task.kind == "multilabel":
-        key = np.unique(task.y[train], axis=0, return_inverse=True)[1].reshape(-1)
-    else:
-        key = task.y[train]
-    inner = grouped_stratified_split(key, groups, cfg.val_fraction_folds, cfg.seed)
-    val, fit = train[inner == 0], train[inner != 0]
     # weights and dropout from a stream of this training's own: reproducible on any thread
     model_gen = torch.Generator().manual_seed(cfg.seed + 1)
     model = GatedABMIL(
@@ -126,9 +119,12 @@ def train_fold(
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
+        row = {"epoch": epoch, "train_loss": total / len(fit)}
+        history.append(row)
+        if val is None:
+            continue
         z, _ = _predict(model, feats, val, task.kind, cfg.batch_size, cfg.val_tiles)
-        val_loss = float(_loss(task.kind, z, target[val])) / max(len(val), 1)
-        history.append({"epoch": epoch, "train_loss": total / len(fit), "val_loss": val_loss})
+        row["val_loss"] = val_loss = float(_loss(task.kind, z, target[val])) / max(len(val), 1)
         if val_loss < best - 1e-6:
             best, best_state, bad = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
@@ -137,8 +133,43 @@ def train_fold(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    return model, best, history
+
+
+def train_fold(
+    feats: list[torch.Tensor], task: Task, train: np.ndarray, test: np.ndarray, cfg: ABMILConfig
+) -> tuple[np.ndarray, dict]:
+    """Train on ``train`` (indices; an inner split of it for early stopping), score ``test``."""
+    groups = np.asarray(task.patient_ids)[train]
+    if task.kind == "multilabel":
+        key = np.unique(task.y[train], axis=0, return_inverse=True)[1].reshape(-1)
+    else:
+        key = task.y[train]
+    inner = grouped_stratified_split(key, groups, cfg.val_fraction_folds, cfg.seed)
+    val, fit = train[inner == 0], train[inner != 0]
+    model, best, history = _fit(feats, task, fit, val, cfg)
     _, scores = _predict(model, feats, test, task.kind, cfg.batch_size, cfg.eval_tiles)
     return scores, {"epochs": len(history), "best_val_loss": best, "history": history}
+
+
+def fewshot_scorer(feats: list[torch.Tensor], task: Task, cfg: ABMILConfig):
+    """ABMIL as the classifier of a few-shot draw (``eval.fewshot.fewshot_task(scorer=)``):
+    trained on the draw's shots for ``cfg.epochs`` epochs (too few slides for a validation
+    split: no early stopping), scoring the test slides; binary sub-problems of multi-label
+    tasks train one output each."""
+
+    def fit(train, y_train, test, multiclass: bool) -> np.ndarray:
+        sub = task
+        if task.kind == "multilabel":  # one label of it, as a binary problem
+            y = np.zeros(len(task.slide_ids), dtype=np.int64)
+            y[np.asarray(train)] = y_train
+            sub = Task(task.name, "binary", task.columns, ["0", "1"], task.slide_ids,
+                       task.patient_ids, y)  # fmt: skip
+        model, _, _ = _fit(feats, sub, np.asarray(train), None, cfg)
+        test = np.asarray(test)
+        return _predict(model, feats, test, sub.kind, cfg.batch_size, cfg.eval_tiles)[1]
+
+    return fit
 
 
 def run_abmil(

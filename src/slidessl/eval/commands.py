@@ -125,6 +125,13 @@ def register(sub) -> None:
         help="slide vector of the pretrained and random-init encoders (mean; see embed)",
     )
     p.add_argument("--prototypes", type=int, default=16, help="K of prototypes / cooc (16)")
+    p.add_argument("--shots", default="1,2,4,8", help="few-shot K per class (1,2,4,8)")
+    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K (50)")
+    p.add_argument(
+        "--fewshot-tasks",
+        help="tasks that get few-shot probes (default: tumor_high,infiltrated on the "
+        "synthetic cohort, every task of --manifest)",
+    )
     p.add_argument("--gigapath", help="also compare this Prov-GigaPath slide_encoder.pth")
     p.add_argument("--encoder", help="evaluate this teacher export instead of pretraining")
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value")

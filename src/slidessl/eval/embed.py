@@ -326,3 +326,16 @@ def maps_path(out: str | Path) -> Path:
     """Where the slide maps of embeddings file ``out`` go: ``OUT.maps.npz`` beside it."""
     out = Path(out)
     return out.with_name(out.stem + ".maps.npz")
+
+
+def pca_whiten(X: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Label-free PCA whitening of slide vectors (all components a cohort of ``n`` slides
+    supports, ``min(n - 1, E)``, each scaled to unit variance): what a random-init vector
+    can gain without training, the bar a pretrained vector must clear too."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float64)
+    n_comp = max(1, min(X.shape[0] - 1, X.shape[1]))
+    return (
+        PCA(n_components=n_comp, whiten=True, random_state=seed).fit_transform(X).astype(np.float32)
+    )

@@ -10,7 +10,8 @@ labels are few. For each task, each ``K`` in ``shots`` and each of ``draws`` dra
    positive and ``K`` negative patients, each label a binary problem of its own;
 2. **the model**: L2 logistic regression (scikit-learn, ``C`` = 1, multinomial for
    multi-class) on the shots' vectors, standardised with the mean / std of *all* slides of
-   the task (label-free statistics: no label enters them);
+   the task (label-free statistics: no label enters them); or any other classifier given
+   as a ``scorer`` (ABMIL on the shots' tiles), on the same draws;
 3. **the test set**: every slide of every patient not drawn;
 4. **the metric**: AUROC (binary), balanced accuracy (multi-class), macro AUROC over
    labels (multi-label).
@@ -34,8 +35,15 @@ import numpy as np
 
 from slidessl.data.tasks import Task
 
-__all__ = ["FEWSHOT_METRIC", "draw_shots", "fewshot_task", "format_fewshot", "parse_shots",
-           "run_fewshot"]  # fmt: skip
+__all__ = [
+    "FEWSHOT_METRIC",
+    "draw_shots",
+    "fewshot_task",
+    "format_fewshot",
+    "logistic_scorer",
+    "parse_shots",
+    "run_fewshot",
+]
 
 FEWSHOT_METRIC = {"binary": "auroc", "multiclass": "balanced_accuracy", "multilabel": "auroc"}
 
@@ -87,50 +95,65 @@ def _standardize(X: np.ndarray) -> np.ndarray:
     return (X - mu) / sd
 
 
-def _fit_score(Xtr, ytr, Xte, multiclass: bool) -> np.ndarray:
+def logistic_scorer(X: np.ndarray):
+    """The default classifier of a draw: L2 logistic regression (C = 1) on vectors
+    standardised with all slides' label-free mean / std. Returns ``fit(train, y_train,
+    test, multiclass) -> scores`` (binary: P(positive); multi-class: (n_test, C))."""
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=1.0, max_iter=2000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tiny separable sets converge slowly: expected
-        model.fit(Xtr, ytr)
-    return model.predict_proba(Xte) if multiclass else model.predict_proba(Xte)[:, 1]
+    Z = _standardize(np.asarray(X, dtype=np.float64))
+
+    def fit(train, y_train, test, multiclass: bool) -> np.ndarray:
+        model = LogisticRegression(C=1.0, max_iter=2000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tiny separable sets converge slowly: expected
+            model.fit(Z[train], y_train)
+        proba = model.predict_proba(Z[test])
+        return proba if multiclass else proba[:, 1]
+
+    return fit
 
 
-def _binary_score(Z, y, patients, k, rng) -> float:
+def _binary_score(fit, y, patients, k, rng) -> float:
     from sklearn.metrics import roc_auc_score
 
     train, test = draw_shots(y, patients, k, rng)
     if len(np.unique(y[test])) < 2:
         return float("nan")
-    return float(roc_auc_score(y[test], _fit_score(Z[train], y[train], Z[test], False)))
+    return float(roc_auc_score(y[test], fit(train, y[train], test, False)))
 
 
-def _one_draw(Z, task: Task, k: int, rng) -> float:
+def _one_draw(fit, task: Task, k: int, rng) -> float:
     pats = np.asarray(task.patient_ids)
     if task.kind == "binary":
-        return _binary_score(Z, task.y, pats, k, rng)
+        return _binary_score(fit, task.y, pats, k, rng)
     if task.kind == "multiclass":
         from sklearn.metrics import balanced_accuracy_score
 
         train, test = draw_shots(task.y, pats, k, rng)
-        proba = _fit_score(Z[train], task.y[train], Z[test], True)
+        proba = fit(train, task.y[train], test, True)
         labels = np.unique(task.y[train])
         return float(balanced_accuracy_score(task.y[test], labels[proba.argmax(axis=1)]))
-    scores = [_binary_score(Z, task.y[:, j], pats, k, rng) for j in range(task.y.shape[1])]
+    scores = [_binary_score(fit, task.y[:, j], pats, k, rng) for j in range(task.y.shape[1])]
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
 
 
-def fewshot_task(X: np.ndarray, task: Task, shots=(1, 2, 4, 8), draws: int = 50, seed: int = 0):
+def fewshot_task(
+    X, task: Task, shots=(1, 2, 4, 8), draws: int = 50, seed: int = 0, scorer=None
+) -> dict:
     """``{str(K): {"mean", "std", "n_draws", "scores"}, "metric", "mean_over_k"}`` for one
     task (rows of ``X`` aligned with ``task.slide_ids``); a K that not every class can
-    supply is left out (``skipped_shots``)."""
-    Z = _standardize(np.asarray(X, dtype=np.float64))
+    supply is left out (``skipped_shots``). ``scorer``: a ``fit(train, y_train, test,
+    multiclass)`` of another classifier (e.g. ABMIL on tile features) in place of the
+    logistic regression on ``X``: the same draws."""
+    fit = scorer if scorer is not None else logistic_scorer(X)
     out: dict = {"metric": FEWSHOT_METRIC[task.kind], "draws": int(draws), "seed": int(seed)}
     skipped = []
     for k in shots:
         try:
-            scores = [_one_draw(Z, task, int(k), _rng(seed, task.name, k, d)) for d in range(draws)]
+            scores = [
+                _one_draw(fit, task, int(k), _rng(seed, task.name, k, d)) for d in range(draws)
+            ]
         except ValueError:
             skipped.append(int(k))
             continue

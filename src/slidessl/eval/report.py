@@ -17,6 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from slidessl.eval.tables import (
+    auroc_table,
+    cell,
+    fewshot_table,
+    num,
+    random_init_verdicts,
+    verdicts,
+)
+
 RESULT_KEYS = (
     "auroc_mean",
     "auroc_std",
@@ -29,6 +38,27 @@ RESULT_KEYS = (
     "auroc_pooled",
     "auprc_pooled",
 )
+
+
+def fewshot_summary(fs: dict | None) -> dict:
+    """The few-shot numbers of one task's ``metrics.json`` entry: mean over K of the
+    per-K means (``fewshot_mean``), of the per-K std over draws (``fewshot_std``), the
+    standard error of the per-draw mean over K (``fewshot_sem``), the K = 4 mean and std."""
+    if not fs:
+        return {}
+    shots = sorted(int(k) for k in fs if k.isdigit())
+    if not shots:
+        return {}
+    per_draw = np.nanmean(np.array([fs[str(k)]["scores"] for k in shots], dtype=float), axis=0)
+    k4 = fs.get("4") or {}
+    return {
+        "fewshot_shots": shots,
+        "fewshot_mean": fs.get("mean_over_k"),
+        "fewshot_std": float(np.mean([num(fs[str(k)]["std"]) for k in shots])),
+        "fewshot_sem": float(np.nanstd(per_draw, ddof=1) / np.sqrt(max(len(per_draw), 1))),
+        "fewshot_k4": k4.get("mean"),
+        "fewshot_k4_std": k4.get("std"),
+    }
 
 
 def collect_results(run_dir: Path) -> tuple[list[dict], dict[str, Path]]:
@@ -44,67 +74,12 @@ def collect_results(run_dir: Path) -> tuple[list[dict], dict[str, Path]]:
         pred_files[method] = path.parent / "predictions.npz"
         for task, s in doc["tasks"].items():
             row = {"method": method, "task": task, **{k: s.get(k) for k in RESULT_KEYS}}
+            row.update(fewshot_summary(s.get("fewshot")))
             if s.get("kind") == "multilabel":
                 row["auroc_micro_mean"] = s.get("auroc_micro_mean")
                 row["auprc_micro_mean"] = s.get("auprc_micro_mean")
             rows.append(row)
     return rows, pred_files
-
-
-def _num(x) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def _cell(mean, std) -> str:
-    return "n/a" if mean is None else f"{_num(mean):.3f} ± {_num(std):.3f}"
-
-
-def verdicts(rows: list[dict], focus) -> list[str]:
-    """One plain sentence per task and focus method: does it beat every baseline on AUROC?
-
-    ``focus`` is a method name or a list of them (e.g. several pretraining recipes); each
-    is compared with the methods that are not in the list."""
-    if not focus:
-        return []
-    focus = [focus] if isinstance(focus, str) else list(focus)
-    out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for name in focus:
-            out += _verdict(rows, task, name, focus)
-    return out
-
-
-def _verdict(rows: list[dict], task: str, focus: str, group: list[str]) -> list[str]:
-    out: list[str] = []
-    by = {r["method"]: r for r in rows if r["task"] == task and r["auroc_mean"] is not None}
-    others = {m: r for m, r in by.items() if m not in group}
-    if focus in by and others:
-        me = by[focus]
-        best_m, best = max(others.items(), key=lambda kv: kv[1]["auroc_mean"])
-        diff = me["auroc_mean"] - best["auroc_mean"]
-        spread = max(_num(me["auroc_std"]), _num(best["auroc_std"]))
-        ci = me.get("auroc_ci") or [None, None]
-        chance = ""
-        if ci[0] is not None and ci[0] <= 0.5 <= ci[1]:
-            chance = f" Its AUROC 95% CI [{ci[0]:.3f}, {ci[1]:.3f}] contains 0.5 (chance)."
-        nums = (
-            f"AUROC {me['auroc_mean']:.3f} ± {_num(me['auroc_std']):.3f} vs best baseline "
-            f"{best_m} {best['auroc_mean']:.3f} ± {_num(best['auroc_std']):.3f} ({diff:+.3f})"
-        )
-        if diff > spread and not chance:
-            out.append(
-                f"`{task}`: **{focus} beats every baseline**: {nums}, by more than one "
-                f"fold std ({spread:.3f})."
-            )
-        elif diff > 0:
-            within = f", within one fold std ({spread:.3f})" if diff <= spread else ""
-            out.append(
-                f"`{task}`: **{focus} does not clearly beat the baselines**: "
-                f"{nums}{within}.{chance}"
-            )
-        else:
-            out.append(f"`{task}`: **{focus} does NOT beat the baselines**: {nums}.{chance}")
-    return out
 
 
 def _diagnose_section(diagnoses: list[dict]) -> list[str]:
@@ -129,8 +104,8 @@ def _diagnose_section(diagnoses: list[dict]) -> list[str]:
         same = [il["same_label_top1"].get(t) for t in tasks]
         best = []
         for t in d["layers"] and next(iter(d["layers"].values())) or []:
-            name, row = max(d["layers"].items(), key=lambda kv: _num(kv[1][t][0]))
-            best.append(f"{t}: {name} ({_num(row[t][0]):.3f})")
+            name, row = max(d["layers"].items(), key=lambda kv: num(kv[1][t][0]))
+            best.append(f"{t}: {name} ({num(row[t][0]):.3f})")
         md.append(
             f"| {d.get('method', d['encoder'])} | {d['coordinate_shuffle']['shuffle_shift']:.3f} "
             f"| {il['same_slide_top1']:.3f} | "
@@ -272,18 +247,48 @@ def slide_maps(run_dir: Path, fig_dir: Path) -> list[dict]:
     return out
 
 
+def _summary(rows: list[dict], retrieval: list[dict], meta: dict):
+    """The demo's two markdown tables (full-data AUROC; few-shot + MVAcc@5) and the verdict
+    of each pretrained recipe against its random init (``run.json`` names them)."""
+    focus = meta.get("focus") or []
+    focus = [focus] if isinstance(focus, str) else list(focus)
+    base = meta.get("random_init")
+    order = [*focus, *([base] if base else []), "random-init-pca", "meanpool", "abmil"]
+    labels = {m: f"`{m}` (pretrained)" for m in focus} | dict(meta.get("labels") or {})
+    if base:
+        labels[base] = f"{base} (same architecture)"
+    tasks = meta.get("tasks") or list(dict.fromkeys(r["task"] for r in rows))
+    tables = [
+        "AUROC with all labels (fold mean ± std):",
+        "",
+        *auroc_table(rows, tasks, order, labels),
+    ]
+    few = meta.get("fewshot_tasks") or []
+    mv = meta.get("retrieval_label")
+    if few and any(r.get("fewshot_mean") is not None for r in rows):
+        tables += [
+            "",
+            "Few-shot (AUROC; K labelled patients per class, mean over K ± mean std over the "
+            "draws / K = 4) and MVAcc@5 retrieval:",
+            "",
+            *fewshot_table(rows, retrieval, few, mv, order, labels),
+        ]
+    verdict = random_init_verdicts(rows, retrieval, focus, base, few, mv) if base else []
+    return (tables if len(tables) > 3 else []), verdict
+
+
 def _table(rows: list[dict]) -> list[str]:
     lines = [
         "| method | task | n | AUROC fold mean ± std | AUROC pooled [95% CI] "
         "| AUPRC fold mean ± std | AUPRC pooled [95% CI] |",
         "| --- | --- | ---: | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["task"], -_num(r["auroc_mean"]))):
+    for r in sorted(rows, key=lambda r: (r["task"], -num(r["auroc_mean"]))):
         cells = []
         for key in ("auroc", "auprc"):
             lo, hi = r.get(f"{key}_ci") or [None, None]
-            cells.append(_cell(r[f"{key}_mean"], r[f"{key}_std"]))
-            cells.append(f"{_num(r.get(f'{key}_pooled')):.3f} [{_num(lo):.3f}, {_num(hi):.3f}]")
+            cells.append(cell(r[f"{key}_mean"], r[f"{key}_std"]))
+            cells.append(f"{num(r.get(f'{key}_pooled')):.3f} [{num(lo):.3f}, {num(hi):.3f}]")
         lines.append(
             f"| {r['method']} | {r['task']} | {r['n_slides']} | " + " | ".join(cells) + " |"
         )
@@ -321,9 +326,15 @@ def make_report(run_dir):
     diagnoses = [json.loads(p.read_text()) for p in sorted(run_dir.rglob("diagnose.json"))]
     focus = meta.get("focus")
     verdict = verdicts(rows, focus)
+    tables, init_verdict = _summary(rows, retrieval, meta)
     md = [f"# slidessl evaluation report: `{run_dir}`", ""]
     if meta.get("description"):
         md += [meta["description"], ""]
+    if tables:
+        md += ["## Summary", "", *tables, ""]
+    if init_verdict:
+        md += ["## Does pretraining beat its own random init?", ""]
+        md += [f"- {v}" for v in init_verdict] + [""]
     md += [
         "## Comparison (same patient-grouped folds for every method)",
         "",
@@ -348,7 +359,7 @@ def make_report(run_dir):
             md.append(
                 f"| {r['method']} | {r['label']} | {r['acc@1']:.3f} | "
                 f"{r['acc@3']:.3f} | {r['acc@5']:.3f} | {r['mvacc@5']:.3f} | "
-                f"{_num(r['map@5']):.3f} |"
+                f"{num(r['map@5']):.3f} |"
             )
         md.append("")
     if diagnoses:
@@ -369,6 +380,8 @@ def make_report(run_dir):
         "run_dir": str(run_dir),
         "results": rows,
         "verdict": verdict,
+        "tables": tables,
+        "random_init_verdict": init_verdict,
         "retrieval": retrieval,
         "diagnose": diagnoses,
         "figures": figs,

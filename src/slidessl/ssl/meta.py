@@ -3,7 +3,10 @@
 Composition after Caron et al. (DINO, ICCV 2021) and Oquab et al. (DINOv2, TMLR 2024):
 the student and the teacher each hold a slide encoder (``backbone``), a DINO head on the
 CLS token and, optionally, a separate iBOT head on the masked tile tokens (Zhou et al.,
-iBOT, ICLR 2022); KoLeo (Sablayrolles et al., ICLR 2019) spreads the student CLS. The
+iBOT, ICLR 2022); KoLeo (Sablayrolles et al., ICLR 2019) spreads the student CLS and an
+optional variance-covariance term (VICReg, Bardes et al., ICLR 2022) conditions it; an
+optional arrangement contrast (``ssl.arrangement_loss``) asks it to tell a crop from its
+tiles shuffled. The
 teacher starts as a copy of the student, receives no gradient and follows the student as an
 exponential moving average (``update_teacher``) once per optimizer step.
 
@@ -30,10 +33,12 @@ import copy
 import torch
 from torch import nn
 
+from slidessl.ssl.arrangement_loss import ArrangementLoss, shuffle_positions
 from slidessl.ssl.dino_loss import DINOLoss
 from slidessl.ssl.heads import DINOHead
 from slidessl.ssl.ibot_loss import head_in_chunks, iBOTPatchLoss
 from slidessl.ssl.koleo_loss import KoLeoLoss
+from slidessl.ssl.vicreg_loss import VarianceCovarianceLoss
 
 __all__ = ["SSLMetaArch", "cap_masked"]
 
@@ -105,6 +110,9 @@ class SSLMetaArch(nn.Module):
         self.dino_weight = float(d["loss_weight"])
         self.ibot_weight = float(ib["loss_weight"])
         self.koleo_weight = float(ko["loss_weight"])
+        self.vicreg_weight = float(cfg.get("vicreg", {}).get("loss_weight", 0.0))
+        arrange = cfg.get("arrange", {})
+        self.arrange_weight = float(arrange.get("loss_weight", 0.0))
         self.sinkhorn = d["centering"] == "sinkhorn_knopp"
         # the slide vector the DINO head (and KoLeo) reads: the CLS, or the mean of the final
         # tile tokens - the vector `slidessl embed --pooling mean` reads
@@ -151,6 +159,12 @@ class SSLMetaArch(nn.Module):
             else None
         )
         self.koleo_loss = KoLeoLoss() if self.koleo_weight > 0 else None
+        self.vicreg_loss = VarianceCovarianceLoss() if self.vicreg_weight > 0 else None
+        self.arrange_loss = (
+            ArrangementLoss(float(arrange.get("temperature", 0.1)))
+            if self.arrange_weight > 0
+            else None
+        )
         # teacher outputs of global crop 0 (one row per slide) of each compute_loss call since
         # the trainer last took them (collapse monitors)
         self.monitor_rows: list[dict[str, torch.Tensor]] = []
@@ -324,8 +338,34 @@ class SSLMetaArch(nn.Module):
             koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(n_g))
             logs["koleo_loss"] = koleo.detach()
             total = total + self.koleo_weight * koleo
+        if self.vicreg_loss is not None:
+            if s_cls.shape[0] < 2 * n_g:
+                raise ValueError(
+                    "vicreg.loss_weight > 0 needs train.batch_size >= 2 (the variance and "
+                    "covariance are taken over the slides of a micro-batch)"
+                )
+            vicreg = sum(self.vicreg_loss(c) for c in s_cls.chunk(n_g))
+            logs["vicreg_loss"] = vicreg.detach()
+            total = total + self.vicreg_weight * vicreg
+        if self.arrange_loss is not None:
+            arrange = self._arrangement(g, s_cls, t_cls, mask, n_g)
+            logs["arrange_loss"] = arrange.detach()
+            total = total + self.arrange_weight * arrange
         logs["loss"] = total.detach()
         return total, logs
+
+    def _arrangement(self, g: dict, s_cls, t_cls, mask, n_g: int) -> torch.Tensor:
+        """The arrangement contrast of the global crops: each student crop vs its tiles
+        shuffled, against the teacher's vector of the slide's other global crop (one global
+        crop: against its own teacher vector)."""
+        if n_g < 1:
+            raise ValueError("arrange.loss_weight > 0 needs global crops")
+        shuffled = dict(g, coords=shuffle_positions(g["coords"], g["padding_mask"]))
+        shuffled.pop("lengths", None)  # padded call: the shuffled crops are not packed
+        (s_shuf,), _ = self._encode(self.student["backbone"], [shuffled], token_mask=mask)
+        t_parts = t_cls.chunk(n_g)
+        target = torch.cat([t_parts[(i + 1) % n_g] for i in range(n_g)])
+        return self.arrange_loss(s_cls, s_shuf, target)
 
     def forward_backward(
         self,

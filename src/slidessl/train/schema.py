@@ -73,6 +73,12 @@ class WeightConfig:
 
 
 @dataclass
+class ArrangeConfig:
+    loss_weight: float = MISSING
+    temperature: float = MISSING
+
+
+@dataclass
 class TeacherConfig:
     momentum: float = MISSING
     momentum_end: float = MISSING
@@ -152,6 +158,8 @@ class PretrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
     koleo: WeightConfig = field(default_factory=WeightConfig)
+    vicreg: WeightConfig = field(default_factory=WeightConfig)
+    arrange: ArrangeConfig = field(default_factory=ArrangeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
