@@ -51,6 +51,36 @@ SHOTS = (1, 2, 4, 8)
 # name -> (overrides of the recipe, readout, what it tests)
 VARIANTS: dict[str, tuple[list[str], str, str]] = {
     "base": ([], "mean", "the recipe as configured"),
+    "arrangement contrast": (
+        ["arrange.loss_weight=1.0", "dino.readout=mean"],
+        "mean",
+        "objective: + the token mean must tell a crop from its tiles shuffled",
+    ),
+    "30ep arrangement contrast": (
+        ["train.epochs=30", "arrange.loss_weight=1.0", "dino.readout=mean"],
+        "mean",
+        "objective: + arrangement contrast, 30 epochs",
+    ),
+    "30ep arrangement contrast, no local crops": (
+        ["train.epochs=30", "arrange.loss_weight=1.0", "dino.readout=mean", "crops.n_local=0"],
+        "mean",
+        "objective: + arrangement contrast, two global crops only, 30 epochs",
+    ),
+    "arrangement contrast x3": (
+        ["arrange.loss_weight=3.0", "dino.readout=mean"],
+        "mean",
+        "objective: + arrangement contrast at weight 3",
+    ),
+    "30ep arrangement contrast x3, no local crops": (
+        ["train.epochs=30", "arrange.loss_weight=3.0", "dino.readout=mean", "crops.n_local=0"],
+        "mean",
+        "objective: + arrangement contrast at weight 3, two global crops, 30 epochs",
+    ),
+    "arrangement contrast, no local crops": (
+        ["arrange.loss_weight=1.0", "dino.readout=mean", "crops.n_local=0"],
+        "mean",
+        "objective: + arrangement contrast, two global crops only",
+    ),
     "no centring": (
         ["model.overrides.input_center=false"],
         "mean",
