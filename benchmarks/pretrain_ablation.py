@@ -81,6 +81,21 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
         "mean",
         "objective: + arrangement contrast, two global crops only",
     ),
+    "whole-slide crops, arrangement contrast": (
+        ["crops.region_max_tiles=null", "arrange.loss_weight=1.0", "dino.readout=mean"],
+        "mean",
+        "crops anywhere in the slide + arrangement contrast",
+    ),
+    "whole-slide crops, arrangement contrast, no local crops": (
+        [
+            "crops.region_max_tiles=null",
+            "arrange.loss_weight=1.0",
+            "dino.readout=mean",
+            "crops.n_local=0",
+        ],
+        "mean",
+        "crops anywhere in the slide + arrangement contrast, two global crops only",
+    ),
     "no centring": (
         ["model.overrides.input_center=false"],
         "mean",

@@ -196,6 +196,27 @@ def test_ibot_masks_on_global_crops(rng):
     assert not any(bool(c["ibot_mask"].any()) for c in off["global"])
 
 
+def test_global_crops_carry_a_seeded_shuffle_of_their_positions(rng):
+    """``shuffled_coords`` (the arrangement contrast's negative) permutes a global crop's
+    positions among its tiles; it is drawn from a child generator, so the parent stream -
+    every crop, mask and augmentation after it - is the one it would have been without."""
+    slide = random_slide(rng)
+    seed = int(rng.integers(1 << 30))
+    print("seed", seed)
+    out = MultiCrop(MultiCropConfig())(slide, np.random.default_rng(seed))
+    for crop in out["global"]:
+        c, s = crop["coords"], crop["shuffled_coords"]
+        assert s.shape == c.shape and s.dtype == c.dtype
+        assert sorted(map(tuple, s.tolist())) == sorted(map(tuple, c.tolist()))
+        assert not torch.equal(s, c)
+    assert all("shuffled_coords" not in crop for crop in out["local"])
+    # spawning leaves the parent's stream where it was
+    ref = np.random.default_rng(seed).random(3)
+    parent = np.random.default_rng(seed)
+    child = parent.spawn(1)[0]
+    assert np.array_equal(parent.random(3), ref) and not np.array_equal(child.random(3), ref)
+
+
 def test_same_seed_same_crops():
     slide = random_slide(np.random.default_rng(1))
     cfg = MultiCropConfig(feature_noise=0.1, token_drop=0.1)

@@ -26,6 +26,10 @@ TINY = [
     "crops.global_min_tiles=12",
     "crops.local_min_tiles=4",
     "crops.mask_probability=1.0",
+    # the formulas below are DINO / iBOT / KoLeo on the CLS as the papers write them; the
+    # shipped recipes' token-mean readout and arrangement contrast are tested on their own
+    "dino.readout=cls",
+    "arrange.loss_weight=0.0",
 ]
 
 
@@ -211,12 +215,16 @@ def test_masked_cap_scores_fewer_tokens(rng):
     assert torch.isfinite(loss) and logs["ibot_loss"] > 0
 
 
-@pytest.mark.parametrize("recipe,readout", [("dino", "cls"), ("dinov2", "cls"), ("dinov2", "mean")])
-def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe, readout):
+@pytest.mark.parametrize(
+    "recipe,readout,arrange",
+    [("dino", "cls", 0), ("dinov2", "cls", 0), ("dinov2", "mean", 0), ("dinov2", "mean", 1)],
+)
+def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe, readout, arrange):
     """train.pack_crops runs every crop of the micro-batch (globals and locals of all
     slides) as one packed stream per encoder: loss terms and student gradients equal the
-    padded per-batch calls (float64), and the student encoder is called once."""
-    extra = ["crops.n_local=3", f"dino.readout={readout}"]
+    padded per-batch calls (float64), and the student encoder is called once (plus one
+    padded call for the arrangement contrast's shuffled global crops)."""
+    extra = ["crops.n_local=3", f"dino.readout={readout}", f"arrange.loss_weight={arrange}"]
     extra += ["crops.mask_ratio=[0.3,0.5]"] if recipe == "dinov2" else []
     cfg, arch, batch = _setup(rng, recipe, *extra, n_slides=3)
     arch.double()
@@ -232,7 +240,8 @@ def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe, readout):
     state = torch.get_rng_state()
     loss, logs = arch.compute_loss(batch, teacher_temp=0.05)
     loss.backward()
-    assert calls == ["forward_packed"]
+    shuffled = ["forward_tokens"] * arrange
+    assert calls == ["forward_packed", *shuffled]
     ref = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
     arch.zero_grad(set_to_none=True)
     arch.discard_pending_centers()
@@ -240,7 +249,7 @@ def test_packed_crops_give_the_padded_loss_and_gradients(rng, recipe, readout):
     torch.set_rng_state(state)
     loss2, logs2 = arch.compute_loss(batch, teacher_temp=0.05)
     loss2.backward()
-    assert calls == ["forward_packed", "forward_tokens", "forward_tokens"]
+    assert calls == ["forward_packed", *shuffled, "forward_tokens", "forward_tokens", *shuffled]
     assert set(logs) == set(logs2)
     for key in logs:
         torch.testing.assert_close(logs2[key], logs[key], rtol=1e-10, atol=1e-12)

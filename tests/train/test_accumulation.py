@@ -30,9 +30,13 @@ def _run(cfg, arch, batches_per_step):
     return arch, losses, grads
 
 
-def test_k_micro_batches_equal_one_big_batch(tiny_cfg, make_batch, rng):
+@pytest.mark.parametrize("arrange", [0.0, 1.0])
+def test_k_micro_batches_equal_one_big_batch(tiny_cfg, make_batch, rng, arrange):
+    """(With the arrangement contrast too: its shuffles are drawn with the crops, so a batch
+    split into micro-batches sees the same ones.)"""
     recipe = "dinov2"  # DINO + iBOT with a separate head, local crops, centering
     extra = [
+        f"arrange.loss_weight={arrange}",
         "optim.freeze_last_layer_epochs=0",
         "optim.warmup_epochs=0",
         "koleo.loss_weight=0",

@@ -37,7 +37,7 @@ def test_saved_bytes_per_token_is_measured_and_leaves_rng_alone(tiny_cfg):
 
 
 def test_estimate_follows_crop_caps_batch_and_heads(tiny_cfg):
-    cfg = tiny_cfg("dinov2", "train.batch_size=2")
+    cfg = tiny_cfg("dinov2", "train.batch_size=2", "arrange.loss_weight=0.0")
     arch = _arch(cfg)
     est = estimate_step_memory(cfg, arch.student["backbone"], arch, max_slide_tiles=5000)
     c = cfg["crops"]
@@ -53,10 +53,26 @@ def test_estimate_follows_crop_caps_batch_and_heads(tiny_cfg):
     assert est.state >= 4 * 4 * n_params  # params + grads + two AdamW moments (+ teacher)
 
 
-def test_estimate_bounds_what_a_step_saves_for_backward(tiny_cfg, make_batch, rng):
+def test_estimate_counts_the_arrangement_pass(tiny_cfg):
+    cfg = tiny_cfg("dinov2", "train.batch_size=2", "arrange.loss_weight=0.0")
+    arch = _arch(cfg)
+    base = estimate_step_memory(cfg, arch.student["backbone"], arch, max_slide_tiles=5000)
+    cfg2 = tiny_cfg("dinov2", "train.batch_size=2", "arrange.loss_weight=1.0")
+    est = estimate_step_memory(cfg2, arch.student["backbone"], arch, max_slide_tiles=5000)
+    # one more student pass over the (shuffled) global crops
+    assert est.student_tokens == base.student_tokens + 2 * 2 * (64 + 1)
+    assert est.activations > base.activations
+
+
+@pytest.mark.parametrize("arrange", [0.0, 1.0])
+def test_estimate_bounds_what_a_step_saves_for_backward(tiny_cfg, make_batch, rng, arrange):
     """The activation + head terms are at least the bytes autograd really keeps in a
-    dinov2 compute_loss on slides large enough for every crop to reach its cap."""
-    cfg = tiny_cfg("dinov2", "train.batch_size=2", "crops.global_scale=[0.9,1.0]")
+    dinov2 compute_loss on slides large enough for every crop to reach its cap (with and
+    without the arrangement contrast's extra student pass)."""
+    cfg = tiny_cfg(
+        "dinov2", "train.batch_size=2", "crops.global_scale=[0.9,1.0]",
+        f"arrange.loss_weight={arrange}",
+    )  # fmt: skip
     arch = _arch(cfg)
     slides = [random_slide(rng, i, n=400) for i in range(2)]
     batch = make_batch(cfg, slides, seed=int(rng.integers(1000)))

@@ -55,6 +55,9 @@ def pad_crops(
     }
     if with_mask:
         out["ibot_mask"] = torch.zeros(b, length, dtype=torch.bool)
+    shuffled = bool(crops) and all("shuffled_coords" in c for c in crops)
+    if shuffled:
+        out["shuffled_coords"] = torch.zeros(b, length, 2, dtype=torch.long)
     if crops and all("center" in c for c in crops):
         out["center"] = torch.stack([c["center"] for c in crops])
     for i, c in enumerate(crops):
@@ -65,6 +68,8 @@ def pad_crops(
         out["features"][i, n:] = 0
         out["coords"][i, :n] = c["coords"]
         out["padding_mask"][i, :n] = False
+        if shuffled:
+            out["shuffled_coords"][i, :n] = c["shuffled_coords"]
         if with_mask:
             if "ibot_mask" not in c:
                 raise ValueError(f"crop {i}: global crops need an 'ibot_mask'")

@@ -378,4 +378,10 @@ class MultiCrop:
                 max_block_tiles=cfg.mask_max_block_tiles,
             )
             crop["ibot_mask"] = torch.from_numpy(mask)
+            # the arrangement contrast's negative (ssl/arrangement_loss.py): the same tiles,
+            # their positions permuted among them. A child generator draws it, so every other
+            # draw of the slide is unchanged, and a batch split into micro-batches or ranks
+            # sees the same permutations as the whole.
+            order = rng.spawn(1)[0].permutation(len(rows))
+            crop["shuffled_coords"] = crop["coords"][torch.from_numpy(order)]
         return crop

@@ -360,7 +360,10 @@ class SSLMetaArch(nn.Module):
         crop: against its own teacher vector)."""
         if n_g < 1:
             raise ValueError("arrange.loss_weight > 0 needs global crops")
-        shuffled = dict(g, coords=shuffle_positions(g["coords"], g["padding_mask"]))
+        coords = g.get("shuffled_coords")  # drawn with the crops (data.views): seeded
+        if coords is None:
+            coords = shuffle_positions(g["coords"], g["padding_mask"])
+        shuffled = dict(g, coords=coords)
         shuffled.pop("lengths", None)  # padded call: the shuffled crops are not packed
         (s_shuf,), _ = self._encode(self.student["backbone"], [shuffled], token_mask=mask)
         t_parts = t_cls.chunk(n_g)

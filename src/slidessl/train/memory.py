@@ -140,6 +140,8 @@ def estimate_step_memory(cfg: dict, backbone, arch, max_slide_tiles: int, world_
     l_tiles = _cap(window, c.local_max_tiles) if c.n_local else 0
     batch = int(t["batch_size"])
     tokens = batch * (c.n_global * (g_tiles + 1) + c.n_local * (l_tiles + 1))
+    if float(cfg.get("arrange", {}).get("loss_weight", 0.0)) > 0:
+        tokens += batch * c.n_global * (g_tiles + 1)  # the shuffled global crops' student pass
     teacher_tokens = batch * c.n_global * (g_tiles + 1)
 
     trainable, total = _param_bytes(arch.student)
