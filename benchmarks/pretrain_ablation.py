@@ -16,8 +16,15 @@ Under every variant, the random init of the *same* architecture and readout (the
 the run started from), and the label-free baselines (mean pooling, ``cooc:16``, random init
 + PCA whitening) are rows of the same table. Results are cached per variant in OUT.
 
-    python benchmarks/pretrain_ablation.py --out runs/abl_a --variants base,"cls readout"
-    python benchmarks/pretrain_ablation.py --out runs/abl_b --seed 1 --slides 240 --variants best
+Each variant is one change to the *plain* recipe (``--common``, by default DINO on the CLS
+without the arrangement contrast: the recipes as they were before this ablation); the
+shipped recipe is the variant ``arrangement contrast``. Variants are separated by ``;``:
+
+    python benchmarks/pretrain_ablation.py --out runs/abl_a --variants "base;arrangement contrast"
+    python benchmarks/pretrain_ablation.py --out runs/abl_b --seed 1 --slides 240 \
+        --variants "base;arrangement contrast"
+    python benchmarks/pretrain_ablation.py --out runs/abl_scale --pretrain-slides 1000 \
+        --variants "base;arrangement contrast"
 """
 
 from __future__ import annotations
@@ -44,13 +51,15 @@ from slidessl.eval.retrieval import retrieval_metrics
 from slidessl.train.config import load_config
 from slidessl.train.loop import pretrain
 
+# the recipes before the pretraining ablation: every lever is one change to this
+PLAIN = "arrange.loss_weight=0.0;dino.readout=cls"
 FEW = "tumor_high,infiltrated"
 FULL = "tumor_high,infiltrated,normal_apart"
 SHOTS = (1, 2, 4, 8)
 
 # name -> (overrides of the recipe, readout, what it tests)
 VARIANTS: dict[str, tuple[list[str], str, str]] = {
-    "base": ([], "mean", "the recipe as configured"),
+    "base": ([], "mean", "the plain recipe (--common), read by its token mean"),
     "arrangement contrast": (
         ["arrange.loss_weight=1.0", "dino.readout=mean"],
         "mean",
@@ -372,7 +381,12 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="dinov2+cpu")
     ap.add_argument("--variants", default="base", help="names separated by ';'")
     ap.add_argument("--variants-file", type=Path, help="JSON {name: [overrides, readout, what]}")
-    ap.add_argument("--common", default="", help="overrides for every variant, ';'-separated")
+    ap.add_argument(
+        "--common",
+        default=PLAIN,
+        help="overrides for every variant, ';'-separated (default: the plain recipe - DINO on "
+        "the CLS, no arrangement contrast - that every lever is measured against)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
