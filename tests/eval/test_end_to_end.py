@@ -136,7 +136,7 @@ def test_bad_inputs_name_the_file(cohort, tmp_path, capsys):
     assert main(["embed", "meanpool", str(cohort), "--out", str(emb)]) == 0
     fails(
         ["embed", "random:tiny", str(cohort), "--out", str(emb)],
-        "x.h5: holds embeddings with spec=.meanpool.",
+        "x.h5: holds embeddings made with spec=.meanpool.",
     )
     fails(
         ["probe", str(emb), str(cohort), "--task", "nope", "--out", str(tmp_path)],

@@ -13,6 +13,7 @@ the dataset is safe with forked ``DataLoader`` workers.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,12 @@ from slidessl.data.manifest import Manifest, ManifestEntry, load_manifest
 ON_BAD_SLIDE = ("error", "skip")
 
 
+def slide_hash(slide_id: str) -> int:
+    """A stable 63-bit integer of a slide id (the same in every process and run, unlike
+    ``hash``): seeds what must depend on the slide, not on its position."""
+    return int.from_bytes(hashlib.sha256(str(slide_id).encode()).digest()[:8], "little") >> 1
+
+
 class SlideDataset(Dataset):
     """Slides of a manifest as ``{"slide_id", "index", "features", "grid", "num_tiles"}``.
 
@@ -36,6 +43,9 @@ class SlideDataset(Dataset):
     ``n = min(num_tiles, max_tiles)``. Slides with more tiles are capped by a spatially
     uniform random subsample (:func:`~slidessl.data.grid.cap_tiles`) that is a function of
     ``(seed, index, epoch)``: call :meth:`set_epoch` to draw a new subsample each epoch.
+    With ``cap_key="slide_id"`` it is a function of ``(seed, slide_id, epoch)`` instead: the
+    same slide gets the same subsample in any manifest, at any position (what embedding
+    needs: a resumed or re-ordered run gives the same vectors).
     ``stride`` is the fallback tile stride for files without a ``patch_size_level0``
     attribute and without a manifest ``stride``; otherwise the stride is inferred.
     """
@@ -50,7 +60,11 @@ class SlideDataset(Dataset):
         *,
         stride: float | None = None,
         nan_policy: str = "error",
+        cap_key: str = "index",
     ):
+        if cap_key not in ("index", "slide_id"):
+            raise ValueError(f"cap_key must be 'index' or 'slide_id', got {cap_key!r}")
+        self.cap_key = cap_key
         if on_bad_slide not in ON_BAD_SLIDE:
             raise ValueError(f"on_bad_slide must be one of {ON_BAD_SLIDE}, got {on_bad_slide!r}")
         if order not in ORDERS:
@@ -131,7 +145,8 @@ class SlideDataset(Dataset):
             if self.max_tiles is None:
                 rows = np.arange(rec.num_tiles)
             else:
-                rng = np.random.default_rng([self.seed, index, self.epoch])
+                key = index if self.cap_key == "index" else slide_hash(entry.slide_id)
+                rng = np.random.default_rng([self.seed, key, self.epoch])
                 rows = cap_tiles(rec.grid, self.max_tiles, rng)
             feats = rec.read_features(rows)
         except SlideError as exc:

@@ -30,6 +30,7 @@ batched with padding masks. Slides already in the output file are skipped (resum
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from slidessl.models.encoder import readout
 from slidessl.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
+
+ORDER = "hilbert"  # token order of a whole slide at embedding time
 POOLINGS = ("cls", "mean", "pooled")
 
 
@@ -232,7 +235,7 @@ def run_embed(
     manifest,
     out: str | Path,
     pooling: str = "cls",
-    max_tiles: int | None = 8192,
+    max_tiles: int | None | str = "auto",
     batch_size: int = 4,
     seed: int = 0,
     on_bad_slide: str = "error",
@@ -240,9 +243,17 @@ def run_embed(
     gigapath_extrapolate: bool = False,
     maps: int = 0,
 ) -> dict:
-    """Embed every slide of ``manifest`` into ``out``; returns a summary dict. With ``maps``
-    > 0, that many slides' attention / PCA maps are stored in ``OUT.maps.npz`` (what
-    ``slidessl report`` draws; encoders with attention blocks only)."""
+    """Embed every slide of ``manifest`` into ``out``; returns a summary dict.
+
+    A slide's vector depends on (encoder, slide file, options) only: a slide above
+    ``max_tiles`` is read as a spatially uniform subsample seeded by ``(seed, slide id)``.
+    ``max_tiles="auto"``: every tile for ``meanpool`` / ``prototypes`` / ``cooc`` (cheap),
+    8,192 for encoders. The file records every option that changes a vector (``spec``,
+    ``pooling``, ``max_tiles``, ``seed``, ``order``, ``encoder_digest``), and an existing file
+    is resumed (its slides kept, the others added) only under the same ones. ``capped_slides``
+    says how many of its slides were capped. With ``maps`` > 0, that many slides' attention /
+    PCA maps are stored in ``OUT.maps.npz`` (what ``slidessl report`` draws; encoders with
+    attention blocks only), keyed by slide and added to on resume."""
     if encoder_spec.startswith("gigapath:"):
         from slidessl.eval.gigapath_embed import run_gigapath_embed
 
@@ -257,53 +268,62 @@ def run_embed(
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     out = Path(out)
+    if max_tiles == "auto":  # cheap label-free baselines read every tile; encoders cap
+        max_tiles = None if is_prototype_spec(encoder_spec) or encoder_spec == "meanpool" else 8192
+    # the whole cohort, each capped slide's subsample keyed by its id (not its position):
+    # a slide's vector is a function of (encoder, slide file, options) only
+    ds = SlideDataset(
+        manifest,
+        max_tiles=max_tiles,
+        order=ORDER,
+        on_bad_slide=on_bad_slide,
+        seed=seed,
+        cap_key="slide_id",
+    )
     spec_key = _spec_key(encoder_spec)
-    prototypes = None
     if is_prototype_spec(encoder_spec):
         # fitted on the whole cohort (no labels), before any slide is embedded: the key
         # names the fit, so a resumed file must come from the same prototypes
-        full = SlideDataset(
-            manifest, max_tiles=max_tiles, order="hilbert", on_bad_slide=on_bad_slide, seed=seed
-        )
-        prototypes = PrototypeEmbedder.fit(encoder_spec, full, seed)
-        spec_key = f"{encoder_spec}:seed{seed}:{prototypes.model.digest()}"
+        encoder = PrototypeEmbedder.fit(encoder_spec, ds, seed)
+        spec_key = desc = f"{encoder_spec}:seed{seed}:{encoder.model.digest()}"
+    else:
+        encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
+    options = {
+        "spec": spec_key,
+        "pooling": pooling,
+        "max_tiles": -1 if max_tiles is None else int(max_tiles),
+        "seed": int(seed),
+        "order": ORDER,
+        "encoder_digest": encoder_digest(encoder),
+    }
     done: set[str] = set()
     if out.exists():
         ids, _, attrs = read_embeddings(out)
         done = set(ids)
-        for key, want in (("spec", spec_key), ("pooling", pooling)):
-            if str(attrs.get(key)) != want:
+        for key, want in options.items():
+            if str(attrs.get(key)) != str(want):
                 raise ValueError(
-                    f"{out}: holds embeddings with {key}={attrs.get(key)!r}, not {want!r}; "
-                    "write to a new file"
+                    f"{out}: holds embeddings made with {key}={attrs.get(key)!r}, this run "
+                    f"has {want!r}; its vectors would differ: write to a new file (or rerun "
+                    "with the options the file records)"
                 )
-    todo = [e for e in manifest.entries if e.slide_id not in done]
+    if not done and maps_path(out).exists():  # a new file: no maps of an older run beside it
+        maps_path(out).unlink()
+    todo = [i for i, sid in enumerate(ds.slide_ids) if sid not in done]
     summary = {"out": str(out), "skipped_existing": len(done), "written": 0, "bad_slides": []}
+    summary["bad_slides"] = list(ds.skipped)
     if not todo:
         log.info("%s: all %d slides already embedded", out, len(done))
         return summary
-    sub = Manifest(entries=todo, label_columns=manifest.label_columns, source=manifest.source)
-    ds = SlideDataset(
-        sub, max_tiles=max_tiles, order="hilbert", on_bad_slide=on_bad_slide, seed=seed
-    )
-    if prototypes is not None:
-        encoder, desc = prototypes, spec_key
-    else:
-        encoder, desc = build_embedder(encoder_spec, ds.feature_dim, seed)
-    attrs_new = {
-        "encoder": desc,
-        "spec": spec_key,
-        "pooling": pooling,
-        "max_tiles": -1 if max_tiles is None else int(max_tiles),
-    }
     # Similar lengths in a batch waste less padding; order does not change the vectors.
-    order = np.argsort(ds.num_tiles, kind="stable")
-    with EmbeddingWriter(out, attrs_new) as writer:
+    order = sorted(todo, key=lambda i: ds.num_tiles[i])
+    vecs = None
+    with EmbeddingWriter(out, {"encoder": desc, **options}) as writer:
         bar = progress_bar(
-            total=len(ds), desc=f"embed {Path(encoder_spec).name}", disable=not progress
+            total=len(order), desc=f"embed {Path(encoder_spec).name}", disable=not progress
         )
         for s in range(0, len(order), batch_size):
-            items = [ds[int(i)] for i in order[s : s + batch_size]]
+            items = [ds[i] for i in order[s : s + batch_size]]
             items = [it for it in items if it is not None]
             if items:
                 vecs = embed_batch(encoder, items, pooling)
@@ -311,15 +331,50 @@ def run_embed(
                 summary["written"] += len(items)
             bar.update(len(order[s : s + batch_size]))
         bar.close()
+        # how many slides of the file were capped, and to how many tiles
+        in_file = done | set(writer.written)
+        capped = [
+            n
+            for sid, n in zip(ds.slide_ids, ds.num_tiles)
+            if sid in in_file and max_tiles is not None and n > max_tiles
+        ]
+        writer.set_attrs({"capped_slides": len(capped), "capped_to": options["max_tiles"]})
     summary["bad_slides"] = list(ds.skipped)
-    summary["dim"] = int(vecs.shape[1]) if summary["written"] else None
+    summary["capped_slides"] = len(capped)
+    if capped:
+        log.info(
+            "%s: %d of %d slides had more than %d tiles and were read as a spatially uniform "
+            "subsample of %d (seeded by slide id; --max-tiles to change)",
+            out,
+            len(capped),
+            len(in_file),
+            max_tiles,
+            max_tiles,
+        )
+    summary["dim"] = int(vecs.shape[1]) if vecs is not None else None
     if maps > 0 and summary["written"]:
         from slidessl.eval.maps import pick_map_items, write_maps
 
-        picked = [ds[i] for i in pick_map_items(list(range(len(ds))), maps)]
-        written = write_maps(maps_path(out), encoder, [it for it in picked if it is not None])
+        # the same slides of the manifest whether or not the run was resumed; slides whose
+        # maps the file already holds are kept, the others added
+        picked = pick_map_items(list(range(len(ds))), maps)
+        written = write_maps(maps_path(out), encoder, picked, ds.__getitem__)
         summary["maps"] = None if written is None else str(written)
     return summary
+
+
+def encoder_digest(encoder) -> str:
+    """A short digest of what computes the vectors: the weights of a module (sha256 over
+    its state dict), the fit of a prototype embedder, or ``meanpool``."""
+    if encoder is None:
+        return "meanpool"
+    if isinstance(encoder, PrototypeEmbedder):
+        return encoder.model.digest()
+    h = hashlib.sha256()
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def maps_path(out: str | Path) -> Path:

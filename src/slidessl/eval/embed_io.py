@@ -93,6 +93,7 @@ class EmbeddingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.attrs = {k: str(v) if not isinstance(v, int | float) else v for k, v in attrs.items()}
         self._rows: dict[str, np.ndarray] = {}
+        self._written: list[str] = []
         if is_parquet(self.path):
             _pyarrow()
             if self.path.exists():
@@ -105,8 +106,22 @@ class EmbeddingWriter:
             for k, v in self.attrs.items():
                 self._h5.attrs[k] = v
 
+    @property
+    def written(self) -> list[str]:
+        """Slide ids written through this writer (and, for parquet, read back from the file)."""
+        return list(self._written)
+
+    def set_attrs(self, attrs: dict) -> None:
+        """Add or replace file attributes (e.g. counts known only at the end)."""
+        fixed = {k: str(v) if not isinstance(v, int | float) else v for k, v in attrs.items()}
+        self.attrs.update(fixed)
+        if self._h5 is not None:
+            for k, v in fixed.items():
+                self._h5.attrs[k] = v
+
     def write(self, slide_ids: list[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
+        self._written.extend(slide_ids)
         if self._h5 is None:
             self._rows.update(zip(slide_ids, vectors))
             return

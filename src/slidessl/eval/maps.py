@@ -89,22 +89,31 @@ def pick_map_items(items: list, n: int) -> list:
     return [items[int(i)] for i in picks]
 
 
-def write_maps(path, encoder, items: list) -> Path | None:
+def write_maps(path, encoder, items: list, load=None) -> Path | None:
     """Compute the maps of ``items`` with ``encoder`` and store them in ``path`` (``.npz``,
-    written atomically); None (nothing written) for an encoder without attention blocks
-    (mean pooling, prototypes)."""
+    written atomically), keyed by slide: maps ``path`` already holds are kept, the others
+    added. With ``load``, ``items`` are keys (e.g. dataset indices) that ``load`` turns
+    into slide dicts (None: skipped), read only when needed. None (nothing written) for an
+    encoder without attention blocks (mean pooling, prototypes)."""
     from slidessl.atomic import atomic_write
     from slidessl.eval.embed_io import slide_key
 
     if not items or not getattr(encoder, "blocks", None):
         return None
+    path = Path(path)
     arrays = {}
+    if path.exists():
+        with np.load(path) as f:
+            arrays = {name: f[name] for name in f.files}
+    have = {name.rsplit(".", 1)[0] for name in arrays}
     for item in items:
+        item = load(item) if load is not None else item
+        if item is None or slide_key(item["slide_id"]) in have:
+            continue
         data = map_data(encoder, item)
         key = slide_key(data["slide_id"])
         for name in ("grid", "attention", "rgb"):
             arrays[f"{key}.{name}"] = data[name]
-    path = Path(path)
 
     def write(f):
         np.savez(f, **arrays)
