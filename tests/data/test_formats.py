@@ -56,6 +56,21 @@ def test_clam_layout_infers_stride(tmp_path, rng, layouts):
     np.testing.assert_array_equal(rec.read_features(), feats)
 
 
+def test_off_grid_coordinates_without_a_stride_are_refused(tmp_path, rng, layouts):
+    """Whole-number coordinates jittered by up to 100 px off a 256-px grid, no
+    patch_size_level0: the inferred stride (1) explains nothing; the error names the file
+    and the fixes. With the stride given, the same file reads (the jitter is within it)."""
+    grid = _grid(layouts, rng, 300)
+    coords = grid * 256 + 4096 + rng.integers(-100, 101, size=grid.shape)
+    path = layouts.clam(tmp_path / "jitter.h5", rng.standard_normal((300, 4)), coords)
+    with pytest.raises(SlideError, match="`stride` column") as err:
+        open_slide(path)
+    assert "jitter.h5" in str(err.value) and "cannot explain the coordinates" in str(err.value)
+    # exactly on the grid, the same tiles infer their stride
+    clean = layouts.clam(tmp_path / "clean.h5", rng.standard_normal((300, 4)), grid * 256 + 4096)
+    assert open_slide(clean).stride == 256.0
+
+
 def test_gigapath_layout(tmp_path, rng, layouts):
     grid = _grid(layouts, rng, 64)
     feats = rng.standard_normal((64, 1536)).astype(np.float16)

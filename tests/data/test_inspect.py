@@ -54,7 +54,7 @@ def test_inspect_flags_bad_slides_and_exits_nonzero(tmp_path, slide_factory, cap
     )
     rc = main(["inspect", str(tmp_path / "m.csv")])
     text = capsys.readouterr().out
-    assert rc == 1
+    assert rc == 2  # a slide that fails its checks is bad input
     assert "1 of 50 tiles hold NaN/Inf" in text
     assert "feature dim 9 differs from the dataset's 6" in text
     assert "unreadable or truncated HDF5" in text
@@ -80,3 +80,19 @@ def test_inspect_unreadable_manifest_exit_2(tmp_path, capsys):
 def test_synth_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--slides", "0"]) == 2
     assert "n_slides" in capsys.readouterr().err
+
+
+def test_inspect_refuses_an_off_grid_file_and_shows_no_made_up_facts(tmp_path, layouts, rng):
+    """Coordinates jittered off a 256-px grid, no patch_size_level0: an error naming the fix
+    (not a note, not ok), exit 2, and no '0 tiles, dim 0' for the facts it never read."""
+    grid = layouts.random_grid(rng, 300, 48)
+    coords = grid * 256 + 4096 + rng.integers(-100, 101, size=grid.shape)
+    path = layouts.clam(tmp_path / "jitter.h5", rng.standard_normal((300, 4)), coords)
+    code = main(["inspect", str(path)])
+    assert code == 2
+    (report,), _ = inspect_path(path)
+    assert not report.ok and "`stride` column" in report.errors[0]
+    from slidessl.data.inspect import format_reports
+
+    row = format_reports([report], None).splitlines()[1]
+    assert "ERROR" in row and " 0 " not in row and row.split()[2] == "-"

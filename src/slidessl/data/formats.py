@@ -155,7 +155,34 @@ def resolve_stride(path, coords, attrs, stride=None, stride_source="option") -> 
             raise SlideError(path, f"{stride_source} stride must be positive, got {stride}")
         return float(stride), stride_source
     inferred = infer_stride(coords)
-    return (1.0 if inferred is None else inferred), "inferred"
+    step = 1.0 if inferred is None else inferred
+    _check_inferred(path, coords, step)
+    return step, "inferred"
+
+
+# below this share of its bounding box's grid cells, an inferred grid explains nothing: real
+# tissue (fragments, needle cores) fills ~0.05-0.9 of it
+MIN_INFERRED_FILL = 0.01
+
+
+def _check_inferred(path, coords, step: float) -> None:
+    """An inferred stride must explain the coordinates: coordinates off any tile grid (e.g.
+    pixel positions jittered between tiles) infer a stride of a pixel or two and a grid
+    that the tiles fill almost nowhere. That is an error naming the fixes, not a note."""
+    c = np.asarray(coords, dtype=np.float64)
+    if len(c) < 32:
+        return
+    cells = np.prod((c.max(axis=0) - c.min(axis=0)) / step + 1)
+    fill = len(c) / cells
+    if fill < MIN_INFERRED_FILL:
+        raise SlideError(
+            path,
+            f"the tile stride inferred from the coordinate gaps ({step:g}) cannot explain the "
+            f"coordinates: their {len(c)} tiles fill {fill:.4f} of that grid's "
+            f"{int(cells):,} cells (the coordinates look off any tile grid). Give the stride: "
+            "a `stride` column in the manifest, the file's `patch_size_level0` attribute, or "
+            "`slidessl inspect --stride S` to check one",
+        )
 
 
 def _source_format(raw: readers.RawSlide, coords_dtype: np.dtype) -> str:

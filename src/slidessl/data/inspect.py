@@ -109,6 +109,8 @@ def _row(r: SlideReport) -> str:
         f"{r.tiles:>7} {r.dim:>5} {r.dtype:<9} {r.source_format:<8} "
         f"{r.stride:>7g} {r.stride_source:<9} {r.extent[0]:>4}x{r.extent[1]:<4} {r.fill:>5.2f}"
     )
+    if not r.ok and r.tiles == 0 and r.dim == 0:  # rejected before its facts were read
+        facts = f"{'-':>7} {'-':>5} {'-':<9} {'-':<8} {'-':>7} {'-':<9} {'-':>9} {'-':>5}"
     line = f"{r.slide_id:<28} {status:<5} {facts}"
     return "\n".join(
         [line] + [f"    error: {e}" for e in r.errors] + [f"    note: {n}" for n in r.notes]
