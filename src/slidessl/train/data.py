@@ -10,12 +10,15 @@ worker by :class:`slidessl.data.dataset.SlideDataset` (h5 handles never cross a 
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slidessl.cpus import data_workers
 from slidessl.data.collate import collate_views
 from slidessl.train.checkpoint import worker_seed
 
@@ -40,6 +43,11 @@ def build_slide_dataset(cfg: dict):
     d = cfg["data"]
     if not d["manifest"]:
         raise ValueError("data.manifest is not set: pass data.manifest=PATH (CSV or folder)")
+    if not Path(d["manifest"]).exists():
+        raise FileNotFoundError(
+            f"data.manifest={d['manifest']}: no such file or folder (set data.manifest=PATH, "
+            "a CSV or a folder of slides; docs/data.md)"
+        )
     manifest = load_manifest(d["manifest"])
     if len(manifest.entries) == 0:
         raise ValueError(f"{d['manifest']}: the manifest lists no slides")
@@ -115,7 +123,8 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader for one epoch: worker processes, prefetching, pinned memory on GPU."""
     d = cfg["data"]
-    workers = int(d["num_workers"])
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes of the run on this machine
+    workers = data_workers(int(d["num_workers"]), share=share)
     pin = d["pin_memory"]
     pin = device.type == "cuda" if pin == "auto" else bool(pin)
     crops.set_epoch(epoch)

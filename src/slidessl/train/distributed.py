@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,11 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def local_world_size(self) -> int:
+        """Processes of this run on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if self.distributed else 1
 
     def close(self) -> None:
         if self.initialised_here and dist.is_initialized():
@@ -175,6 +181,18 @@ def wrap_model(arch: nn.Module, ctx: DistContext, cfg: dict) -> nn.Module:
     d = cfg["distributed"]
     if d["strategy"] == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        # FSDP2 warns (4x per step) that a wrapped encoder returns views (its CLS and tile
+        # tokens are slices of one (B, 1 + N, E) tensor): an in-place op on such a view
+        # would skip the pre-backward all-gather. Nothing in slidessl writes to an encoder's
+        # outputs in place (the heads, losses and readouts only read them; test_distributed
+        # checks FSDP's gradients against a single process), so the warning is silenced
+        # here, for this message only.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"FSDP2-wrapped module .* returned a view tensor",
+            category=UserWarning,
+        )
 
         for part in (arch.student, arch.teacher):
             for module in part.values():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from slidessl.cpus import configure_threads
 from slidessl.train import checkpoint as ckpt_io
 from slidessl.train.config import dump_config
 from slidessl.train.data import CropDataset, build_multicrop, build_slide_dataset, make_loader
@@ -48,22 +49,44 @@ def pretrain(cfg: dict, resume: bool = False) -> Path:
     ctx = init_distributed(
         t["device"], cfg["distributed"]["backend"], cfg["distributed"]["timeout_minutes"]
     )
+    threads = torch.get_num_threads()  # sized for the run, given back after it
     try:
         return _pretrain(cfg, ctx, resume)
     finally:
+        torch.set_num_threads(threads)
         ctx.close()
+
+
+def _no_checkpoint(root: Path, looked: Path, fsdp: bool, ctx) -> str:
+    """What --resume found instead of a checkpoint for this strategy and world size."""
+    shards = sorted(p.name for p in root.glob("rank*") if p.is_dir()) if root.is_dir() else []
+    whole = ckpt_io.latest_checkpoint(root) if root.is_dir() else None
+    msg = f"--resume: no checkpoint in {looked}"
+    if shards and not fsdp:
+        return (
+            f"{msg}: {root} holds FSDP shards ({', '.join(shards)}) of a {len(shards)}-process "
+            f"run; resume it with distributed.strategy=fsdp and {len(shards)} processes "
+            f"(this run: {ctx.world_size}, strategy "
+            f"{'ddp' if ctx.distributed else 'single process'})"
+        )
+    if fsdp and (shards or whole is not None):
+        have = f"FSDP shards of {len(shards)} processes" if shards else f"{whole.name}"
+        return (
+            f"{msg}: {root} holds {have}; FSDP resumes only with the world size that saved "
+            f"(this run: {ctx.world_size} processes)"
+            + ("" if shards else ", and not from a single-process / DDP checkpoint")
+        )
+    return msg
 
 
 def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     t, device = cfg["train"], ctx.device
+    configure_threads(share=ctx.local_world_size, what="pretrain")
     out = Path(cfg["out"])
     ckpt_dir = out / "checkpoints"
     fsdp = ctx.distributed and cfg["distributed"]["strategy"] == "fsdp"
     if fsdp:  # every rank saves its own shards
         ckpt_dir = ckpt_dir / f"rank{ctx.rank}"
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
     seed = cfg["seed"]
     ckpt_io.seed_everything(seed)
 
@@ -90,6 +113,9 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     # before anything is written or stepped: a run that cannot fit says so, naming knobs
     tiles = getattr(slides, "num_tiles", None) or [cfg["data"]["max_tiles"]]
     memory = check_memory(cfg, arch, max(tiles), ctx.world_size)
+    if ctx.is_main:  # config, data and memory checked: now the run folder
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
     model = wrap_model(arch, ctx, cfg)
     # after wrapping: FSDP replaces the parameters with sharded ones
     optimizer = build_optimizer(arch.get_params_groups(cfg["optim"]["layer_decay"]), cfg)
@@ -109,7 +135,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     if resume:
         latest = ckpt_io.latest_checkpoint(ckpt_dir)
         if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+            raise FileNotFoundError(_no_checkpoint(out / "checkpoints", ckpt_dir, fsdp, ctx))
         state = ckpt_io.restore_train_state(
             latest,
             device,
