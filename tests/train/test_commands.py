@@ -25,5 +25,5 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
             "train.progress=false",
         ]
     )
-    assert code == 1
+    assert code == 2  # bad input
     assert "nope.csv" in capsys.readouterr().err

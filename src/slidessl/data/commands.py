@@ -7,41 +7,59 @@ import sys
 
 
 def register(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "synth",
         help="write a synthetic cohort (TRIDENT-layout h5 files + manifest.csv)",
-        description="Write a deterministic synthetic cohort: DIR/slides/*.h5 in TRIDENT "
-        "layout and DIR/manifest.csv with composition, spatial and mutation labels "
-        "(see docs/synthetic.md).",
+        formatter_class=fmt,
+        description="Write a deterministic synthetic cohort to try slidessl without data: "
+        "OUT/slides/*.h5 in TRIDENT layout (features, coords with patch_size_level0) and "
+        "OUT/manifest.csv with patient ids and composition, arrangement, long-range, subtype "
+        "and mutation labels (see docs/synthetic.md); the same seed gives the same files. "
+        "Example: slidessl synth --out /tmp/c --slides 200",
     )
-    p.add_argument("--out", required=True, help="output folder DIR")
-    p.add_argument("--slides", type=int, default=200, help="number of slides (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dim", type=int, default=128, help="tile feature dim (default 128)")
+    p.add_argument("--out", required=True, help="output folder OUT (created)")
+    p.add_argument("--slides", type=int, default=200, help="number of slides")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the whole cohort")
+    p.add_argument("--dim", type=int, default=128, help="tile feature dim")
     p.add_argument("--min-tiles", type=int, default=200, help="fewest tiles per slide")
     p.add_argument("--max-tiles", type=int, default=20_000, help="most tiles per slide")
     p.set_defaults(func=_synth)
 
     q = subparsers.add_parser(
         "inspect",
-        help="check slide files, a manifest or a folder; exit 1 when any slide has an error",
-        description="Per slide: tiles, dim, dtype, stride and its source, grid extent, fill "
-        "ratio, problems; for a manifest also a summary. Exit status 1 when any slide has "
-        "an error, 2 when the manifest itself cannot be read.",
+        help="check slide files, a manifest or a folder; exit 2 when any slide has an error",
+        description="Check slide files before training on them: per slide, tiles, dim, "
+        "dtype, format, stride and its source, grid extent, fill ratio and problems; for a "
+        "manifest or folder also a cohort summary (patients, tiles, dims, label counts). "
+        "Reads only; prints a table (and writes --json). Exit status 0 when every slide is "
+        "usable, 2 when any slide has an error or the manifest itself cannot be read. "
+        "Example: slidessl inspect cohort/manifest.csv",
+        formatter_class=fmt,
     )
-    q.add_argument("target", metavar="PATH_OR_MANIFEST")
+    q.add_argument(
+        "target",
+        metavar="PATH_OR_MANIFEST",
+        help="a slide file (.h5, .npz, .pt), a manifest CSV/TSV, or a folder (its "
+        "manifest.csv, else every slide file in it)",
+    )
     q.add_argument(
         "--stride",
         type=float,
         default=None,
-        help="tile stride in coordinate units for files without patch_size_level0",
+        help="tile stride in coordinate units for files without a patch_size_level0 "
+        "attribute or a manifest stride value (not given: inferred from coordinate gaps)",
     )
     q.add_argument(
         "--no-scan",
         action="store_true",
         help="skip the NaN/Inf scan of all features (faster; reads coords only)",
     )
-    q.add_argument("--all", action="store_true", help="list every slide, not only bad ones")
+    q.add_argument(
+        "--all",
+        action="store_true",
+        help="list every slide, not only bad ones (up to 50 slides are always all listed)",
+    )
     q.add_argument("--json", default=None, help="also write the per-slide reports to this file")
     q.set_defaults(func=_inspect)
 
@@ -86,4 +104,4 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(reports_as_dicts(reports), fh, indent=1)
-    return 0 if all(r.ok for r in reports) else 1
+    return 0 if all(r.ok for r in reports) else 2  # a bad slide is bad input

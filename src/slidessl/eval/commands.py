@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,26 +12,94 @@ TASK_HELP = (
 )
 
 
+def _max_tiles(text: str):
+    """``--max-tiles``: a positive integer, ``auto`` or ``all`` (None: no cap)."""
+    if text in ("auto", "all"):
+        return None if text == "all" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, auto or all, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(sub) -> None:
-    p = sub.add_parser("embed", help="one embedding per slide (h5, or parquet with pyarrow)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "embed",
+        help="one embedding per slide (h5, or parquet with pyarrow)",
+        formatter_class=fmt,
+        description=(
+            "Write one vector per slide of MANIFEST to --out (HDF5, or parquet with pyarrow) "
+            "with ENCODER: a pretrained teacher or a baseline, every slide read through the "
+            "same pipe (up to --max-tiles tiles, spatial order, eval mode, deterministic). "
+            "Slides already in --out are kept and the others added, so a stopped run "
+            "resumes; attention / PCA maps of --maps slides go beside it for `slidessl "
+            "report`. Example: slidessl embed runs/dinov2/teacher cohort/manifest.csv --out "
+            "emb/pretrained.h5 --pooling mean"
+        ),
+    )
     p.add_argument(
         "encoder",
         metavar="ENCODER",
-        help="teacher folder / checkpoint, meanpool, random[:PRESET|PATH], gigapath:PATH",
+        help="what embeds the slides: a teacher export folder (OUT/teacher of slidessl "
+        "pretrain), its model.safetensors, or a training checkpoint OUT/checkpoints/ckpt-*.pt; "
+        "meanpool (the mean of the tile features, no model); random, random:PRESET (tiny, "
+        "small, base, gigapath) or random:PATH (seeded random init of the architecture of "
+        "the export at PATH); prototypes[:K[:kmeans|gmm]] or cooc[:K[:kmeans|gmm]] (the "
+        "label-free prototype baselines, K=16 by default, fitted on these slides' tiles); "
+        "gigapath:PATH (a Prov-GigaPath slide_encoder.pth, run as the published pipeline)",
     )
-    p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("--out", required=True, help="output .h5 (or .parquet)")
-    p.add_argument("--pooling", default="cls", help="cls | mean | pooled | layers:-1,-2")
-    p.add_argument("--max-tiles", type=int, default=8192, help="tile cap per slide (8192)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable slides")
+    p.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="the slides: a manifest CSV/TSV (slide_id, path, ...), a folder holding "
+        "manifest.csv, or a folder of slide files",
+    )
+    p.add_argument(
+        "--out", required=True, help="embeddings file to write or resume: .h5 (or .parquet)"
+    )
+    p.add_argument(
+        "--pooling",
+        default="cls",
+        help="slide vector of an encoder: cls (final CLS token), mean (mean of the final "
+        "tile tokens; what the README and the demo use), pooled (the encoder's configured "
+        "pool), layers:I,J,... (pooled outputs of blocks I, J, ... concatenated; negative "
+        "counts from the last block), regions:S[,S2,...] (mean of the CLS of S x S-tile "
+        "regions, concatenated over the sides given). gigapath:PATH takes cls, pooled, "
+        "mean, forward-cls, forward-mean, layers:I,J or mean-layers:I,J (docs/evaluation.md); "
+        "meanpool, prototypes and cooc ignore it",
+    )
+    p.add_argument(
+        "--max-tiles",
+        type=_max_tiles,
+        default="auto",
+        help="tile cap per slide: a larger slide is read as a spatially uniform subsample "
+        "seeded by (--seed, slide id). auto: every tile for meanpool / prototypes / cooc "
+        "(cheap), 8192 for encoders; 'all' never caps",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="slides per forward pass")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the tile subsample, of random:... weights and of the prototype fits",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip (and list) slides that cannot be read instead of stopping with exit 2",
+    )
     p.add_argument(
         "--maps",
         type=int,
         default=3,
-        help="slides whose attention / PCA maps are stored beside OUT as OUT.maps.npz, for "
-        "slidessl report (3; 0: none; encoders with attention blocks only)",
+        help="slides whose attention / PCA maps are stored beside --out as STEM.maps.npz, "
+        "for slidessl report (0: none; encoders with attention blocks only)",
     )
     p.add_argument(
         "--gigapath-extrapolate",
@@ -40,79 +109,210 @@ def register(sub) -> None:
     )
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("probe", help="k-fold logistic-regression probe of slide embeddings")
-    p.add_argument("embeddings", metavar="EMBEDDINGS")
-    p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("--task", required=True, action="append", help=TASK_HELP)
-    p.add_argument("--folds", help="folds file (JSON): read when it has the task, else added")
-    p.add_argument("--k", type=int, default=10, help="folds when new (10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--Cs", default="1e-4,1e-3,1e-2,1e-1,1,10", help="C grid")
-    p.add_argument("--jobs", type=int, default=2, help="threads (2)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
-    p.add_argument("--method", help="name in tables (default: embeddings file stem)")
+    p = sub.add_parser(
+        "probe",
+        help="k-fold logistic-regression probe of slide embeddings",
+        formatter_class=fmt,
+        description=(
+            "Linear probe of slide embeddings: for each task, patient-grouped, "
+            "label-stratified k-fold logistic regression (C chosen by inner CV), AUROC / AUPRC "
+            "per fold with bootstrap CIs. Reads EMBEDDINGS (from slidessl embed) and the "
+            "labels of MANIFEST; writes OUT/metrics.json and OUT/predictions.npz and prints a "
+            "table. Folds come from --folds (OUT/folds.json when not given), created when the "
+            "file is missing or lacks the task, so every method shares them. Example: "
+            "slidessl probe emb/pretrained.h5 cohort/manifest.csv --task infiltrated,subtype "
+            "--folds eval/folds.json --out eval/pretrained"
+        ),
+    )
+    p.add_argument(
+        "embeddings", metavar="EMBEDDINGS", help="embeddings file written by slidessl embed"
+    )
+    p.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="manifest with the label columns and patient_id (slide files are not opened)",
+    )
+    p.add_argument("--task", required=True, action="append", help=TASK_HELP + "; repeatable")
+    p.add_argument(
+        "--folds",
+        help="folds file (JSON), optional: read when it has the task, else the task's folds "
+        "are made (--k, --seed) and added; the file is created when missing (not given: "
+        "OUT/folds.json)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=10,
+        help="number of folds when the folds are new (an existing folds file keeps its own); "
+        "the demo uses 5",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of new folds, inner CV, bootstrap")
+    p.add_argument("--Cs", default="1e-4,1e-3,1e-2,1e-1,1,10", help="comma-separated C grid")
+    p.add_argument("--jobs", type=int, default=2, help="threads for the (task, fold) fits")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--method", help="name in tables (not given: the embeddings file stem)")
     p.add_argument(
         "--shots",
         help="also run few-shot probes with K labelled patients per class for each K given, "
         "e.g. 1,2,4,8,16 (TITAN's protocol, docs/evaluation.md)",
     )
-    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K (50)")
-    p.add_argument("--out", required=True, help="output folder DIR")
+    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K")
+    p.add_argument("--out", required=True, help="output folder OUT")
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("abmil", help="gated-attention ABMIL baseline on tile features")
-    p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("--task", required=True, action="append", help=TASK_HELP)
-    p.add_argument("--folds", required=True, help="folds file (shared with probe)")
-    p.add_argument("--k", type=int, default=10, help="folds when new (10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
+    p = sub.add_parser(
+        "abmil",
+        help="gated-attention ABMIL baseline on tile features",
+        formatter_class=fmt,
+        description=(
+            "Train and test a gated-attention ABMIL (Ilse et al.) on the tile features of "
+            "MANIFEST's slides, on the same patient-grouped folds as the probe, as the "
+            "supervised baseline a slide embedding must beat. Reads the slide files and "
+            "labels; writes OUT/metrics.json and OUT/predictions.npz and prints a table. "
+            "--folds is required (created when missing, so run it with the same file as "
+            "probe). Example: slidessl abmil cohort/manifest.csv --task infiltrated --folds "
+            "eval/folds.json --out eval/abmil"
+        ),
+    )
+    p.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="manifest (slide files, labels, patient_id), or a folder holding manifest.csv",
+    )
+    p.add_argument("--task", required=True, action="append", help=TASK_HELP + "; repeatable")
+    p.add_argument(
+        "--folds",
+        required=True,
+        help="folds file (JSON), required: shared with probe; read when it has the task, "
+        "else the task's folds are made (--k, --seed) and added (file created when missing)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=10,
+        help="number of folds when the folds are new (an existing folds file keeps its own); "
+        "the demo uses 5",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of new folds, tile sampling, training")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per fold")
     p.add_argument("--train-tiles", type=int, default=2048, help="tiles sampled per slide")
     p.add_argument("--max-tiles", type=int, default=8192, help="tiles loaded per slide")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     p.add_argument("--jobs", type=int, default=1, help="parallel fold trainings (threads)")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--out", required=True)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--out", required=True, help="output folder OUT")
     p.set_defaults(func=cmd_abmil)
 
-    p = sub.add_parser("retrieve", help="leave-one-patient-out slide retrieval")
-    p.add_argument("embeddings", metavar="EMBEDDINGS")
-    p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("--label", required=True, help="label column")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser(
+        "retrieve",
+        help="leave-one-patient-out slide retrieval",
+        formatter_class=fmt,
+        description=(
+            "Slide retrieval by cosine similarity of slide embeddings: each slide queries "
+            "the slides of all other patients; prints and writes Acc@K, MVAcc@K and mAP@K "
+            "of the --label column to OUT/retrieval.json. Reads EMBEDDINGS (from slidessl "
+            "embed) and MANIFEST's labels. Example: slidessl retrieve emb/pretrained.h5 "
+            "cohort/manifest.csv --label subtype --out eval/pretrained"
+        ),
+    )
+    p.add_argument(
+        "embeddings", metavar="EMBEDDINGS", help="embeddings file written by slidessl embed"
+    )
+    p.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="manifest with the label column and patient_id (slide files are not opened)",
+    )
+    p.add_argument("--label", required=True, help="label column of MANIFEST")
+    p.add_argument("--out", required=True, help="output folder OUT")
     p.set_defaults(func=cmd_retrieve)
 
-    p = sub.add_parser("report", help="report.md + report.json + plots of an evaluation run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser(
+        "report",
+        help="report.md + report.json + plots of an evaluation run",
+        formatter_class=fmt,
+        description=(
+            "Collect an evaluation run into one page: reads every metrics.json (probe, "
+            "abmil) and retrieval.json under RUN_DIR, a pretraining metrics.csv and the slide "
+            "maps stored beside embeddings when present; writes RUN_DIR/report.md, "
+            "RUN_DIR/report.json and PNG figures under RUN_DIR/figures. Runs no model. "
+            "Example: slidessl report eval"
+        ),
+    )
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="folder holding the --out folders of probe / abmil / retrieve (or a demo's OUT)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "diagnose",
         help="why an encoder does (not) beat simple aggregation: coordinate shuffle, "
         "slide-identity leakage, per-layer probes",
+        formatter_class=fmt,
+        description=(
+            "Why an encoder's slide embedding does (not) beat simple aggregation: a "
+            "coordinate-shuffle control (does the vector change when arrangement goes?), "
+            "slide-identity leakage (do two windows of a slide find each other rather than "
+            "the label?) and linear probes after every block. Reads ENCODER and MANIFEST's "
+            "slides; prints a summary and writes OUT/diagnose.json. Example: slidessl "
+            "diagnose runs/dinov2/teacher cohort/manifest.csv --task infiltrated --out diag"
+        ),
     )
-    p.add_argument("encoder", help="as for embed (teacher export, meanpool, random:...)")
-    p.add_argument("manifest")
-    p.add_argument("--task", action="append", required=True, help=TASK_HELP)
-    p.add_argument("--out", required=True)
-    p.add_argument("--pooling", default="mean", help="slide vector for the first two checks")
-    p.add_argument("--max-tiles", type=int, default=4000)
-    p.add_argument("--k", type=int, default=5, help="folds of the per-layer probes (5)")
-    p.add_argument("--folds", help="folds file to share with other methods")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "encoder",
+        metavar="ENCODER",
+        help="as for slidessl embed (teacher export, checkpoint, meanpool, random:...)",
+    )
+    p.add_argument(
+        "manifest", metavar="MANIFEST", help="manifest (slide files, labels, patient_id)"
+    )
+    p.add_argument("--task", action="append", required=True, help=TASK_HELP + "; repeatable")
+    p.add_argument("--out", required=True, help="output folder OUT")
+    p.add_argument(
+        "--pooling",
+        default="mean",
+        help="slide vector for the shuffle and leakage checks (choices as for embed)",
+    )
+    p.add_argument("--max-tiles", type=int, default=4000, help="tile cap per slide")
+    p.add_argument("--k", type=int, default=5, help="folds of the per-layer probes")
+    p.add_argument(
+        "--folds", help="folds file to share with other methods (not given: OUT/folds.json)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of windows, shuffles and folds")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("demo", help="synthetic cohort -> pretrain -> embed -> probe -> report")
-    p.add_argument("--out", required=True)
-    p.add_argument("--manifest", help="use this cohort instead of a synthetic one")
-    p.add_argument("--task", action="append", help=TASK_HELP)
-    p.add_argument("--slides", type=int, default=180, help="synthetic slides (180)")
-    p.add_argument("--k", type=int, default=5, help="folds (5)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "demo",
+        help="synthetic cohort -> pretrain -> embed -> probe -> report",
+        formatter_class=fmt,
+        description=(
+            "The whole flow on one cohort, in minutes on a CPU: a synthetic cohort in "
+            "OUT/cohort (or --manifest), pretraining of each recipe at CPU sizes "
+            "(RECIPE+cpu) into OUT/pretrain, embeddings of the teachers and of the "
+            "baselines (random init, mean pooling, prototypes, cooc), linear probe and ABMIL on "
+            "the same --k folds, retrieval, then OUT/report.md. Example: slidessl demo "
+            "--out runs/demo"
+        ),
+    )
+    p.add_argument("--out", required=True, help="output folder OUT")
+    p.add_argument(
+        "--manifest", help="use this cohort (manifest or folder) instead of a synthetic one"
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        help=TASK_HELP + "; repeatable (not given: the synthetic cohort's five tasks, or "
+        "every label column of --manifest)",
+    )
+    p.add_argument("--slides", type=int, default=180, help="synthetic slides")
+    p.add_argument("--k", type=int, default=5, help="folds")
+    p.add_argument("--seed", type=int, default=0, help="seed of cohort, training and folds")
     p.add_argument(
         "--recipes",
         default="dino,dinov2,dinov2_grid",
-        help="pretraining recipes to compare, comma-separated (dino,dinov2,dinov2_grid)",
+        help="pretraining recipes to compare, comma-separated",
     )
     p.add_argument(
         "--overlay",
@@ -122,19 +322,24 @@ def register(sub) -> None:
     p.add_argument(
         "--pooling",
         default="mean",
-        help="slide vector of the pretrained and random-init encoders (mean; see embed)",
+        help="slide vector of the pretrained and random-init encoders (see embed)",
     )
-    p.add_argument("--prototypes", type=int, default=16, help="K of prototypes / cooc (16)")
-    p.add_argument("--shots", default="1,2,4,8", help="few-shot K per class (1,2,4,8)")
-    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K (50)")
+    p.add_argument("--prototypes", type=int, default=16, help="K of prototypes / cooc")
+    p.add_argument("--shots", default="1,2,4,8", help="few-shot K per class")
+    p.add_argument("--draws", type=int, default=50, help="few-shot draws per K")
     p.add_argument(
         "--fewshot-tasks",
-        help="tasks that get few-shot probes (default: tumor_high,infiltrated on the "
+        help="tasks that get few-shot probes (not given: tumor_high,infiltrated on the "
         "synthetic cohort, every task of --manifest)",
     )
     p.add_argument("--gigapath", help="also compare this Prov-GigaPath slide_encoder.pth")
     p.add_argument("--encoder", help="evaluate this teacher export instead of pretraining")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="pretraining config overrides for every recipe, e.g. train.epochs=2",
+    )
     p.set_defaults(func=cmd_demo)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def _ints(text):
     return [int(float(t)) for t in text.split(",") if t.strip()]
@@ -23,52 +25,104 @@ def _default(args, name: str, key: str, device: str):
 
 
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="attention / encoder benchmarks (ratios)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    bench = subparsers.add_parser(
+        "bench",
+        help="attention / encoder benchmarks (ratios)",
+        formatter_class=fmt,
+        description="Benchmarks that print tables of ratios measured in the same run "
+        "(dilated vs dense attention time, achieved FLOP/s as a fraction of a matmul peak "
+        "measured first on the same device and dtype); they write no files. Defaults finish "
+        "in minutes on a laptop CPU; docs/performance.md has measured tables. Example: "
+        "slidessl bench attention --n 1024,4096",
+    )
+    sub = bench.add_subparsers(
+        dest="bench_command", metavar="WHAT", help="attention or encoder (WHAT --help for more)"
+    )
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
-    att = sub.add_parser("attention", help="dense SDPA vs dilated attention per length")
+    att = sub.add_parser(
+        "attention",
+        help="dense SDPA vs dilated attention per length",
+        formatter_class=fmt,
+        description="Time dense scaled-dot-product attention and dilated attention "
+        "(Prov-GigaPath's and slidessl's default segment / dilation branches) at each "
+        "sequence length; prints seconds, the dilated / dense ratio and the fraction of the "
+        "measured matmul peak. Dense is skipped where its estimated time exceeds "
+        "--dense-limit. Example: slidessl bench attention --n 1024,4096,16384 --device cpu",
+    )
     att.add_argument(
         "--n",
         type=_ints,
         default=None,
-        help="comma-separated sequence lengths (default: 1024,4096,16384 on CPU, "
-        "1024,...,32768 on CUDA)",
+        help="comma-separated sequence lengths (not given: 1024,4096,16384 on CPU, "
+        "1024,4096,8192,16384,32768 on CUDA)",
     )
-    att.add_argument("--dim", type=int, default=768)
-    att.add_argument("--heads", type=int, default=16)
-    att.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 2 on CUDA")
+    att.add_argument("--dim", type=int, default=768, help="model width (embedding dim)")
+    att.add_argument("--heads", type=int, default=16, help="attention heads")
+    att.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per length (not given: 1 on CPU, 2 on CUDA)",
+    )
     att.add_argument(
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on CPU, bfloat16 on CUDA",
+        help="tensor dtype (not given: float32 on CPU, bfloat16 on CUDA)",
     )
-    att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    att.add_argument("--device", default=None, help="cpu or cuda (not given: cuda when available)")
     att.add_argument(
         "--dense-limit",
         type=float,
         default=60.0,
         help="skip dense when its estimated time exceeds this many seconds",
     )
-    att.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    att.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (not given: the usable CPUs, or OMP_NUM_THREADS)",
+    )
     att.set_defaults(func=_attention)
 
-    enc = sub.add_parser("encoder", help="forward+backward throughput, utilisation, memory")
-    enc.add_argument("--preset", default="gigapath")
+    enc = sub.add_parser(
+        "encoder",
+        help="forward+backward throughput, utilisation, memory",
+        formatter_class=fmt,
+        description="Time forward+backward steps of a slide encoder preset at each number "
+        "of tiles N (and --batch slides per step): tokens/s, model FLOP utilisation against "
+        "the measured matmul peak, peak memory; then a table of memory growth with gradient "
+        "checkpointing at --mem-n. Example: slidessl bench encoder --preset tiny --n 1024 "
+        "--mem-n 1024",
+    )
     enc.add_argument(
-        "--n", type=_ints, default=None, help="default: 1024,2048 on CPU, 2048,8192 on CUDA"
+        "--preset",
+        default="gigapath",
+        help="encoder preset: tiny, small, base or gigapath (Prov-GigaPath's size)",
+    )
+    enc.add_argument(
+        "--n",
+        type=_ints,
+        default=None,
+        help="comma-separated tiles per slide (not given: 1024,2048 on CPU, 2048,8192 on CUDA)",
     )
     enc.add_argument(
         "--mem-n",
         type=_ints,
         default=None,
-        help="lengths for the checkpointed memory table (default: 1024 on CPU, "
-        "4096,...,32768 on CUDA)",
+        help="lengths for the checkpointed memory table (not given: 1024 on CPU, "
+        "4096,8192,16384,32768 on CUDA)",
     )
-    enc.add_argument("--repeats", type=int, default=1)
-    enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    enc.add_argument("--device", default=None)
+    enc.add_argument("--repeats", type=int, default=1, help="timed repeats per row")
+    enc.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="tensor dtype (not given: float32 on CPU, bfloat16 on CUDA)",
+    )
+    enc.add_argument("--device", default=None, help="cpu or cuda (not given: cuda when available)")
     enc.add_argument(
         "--inexact-grad",
         action="store_true",
@@ -80,7 +134,12 @@ def register(subparsers) -> None:
         choices=["auto", "kernel", "surrogate"],
         help="how exact LSE gradients are computed (auto: kernel on CPU, surrogate on CUDA)",
     )
-    enc.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    enc.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (not given: the usable CPUs, or OMP_NUM_THREADS)",
+    )
     enc.add_argument("--no-warmup", action="store_true", help="time the first step (slow CPUs)")
     enc.add_argument(
         "--batch",
@@ -108,7 +167,7 @@ def _device_dtype(args):
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda requested but CUDA is not available")
+        raise ValueError("--device cuda requested but CUDA is not available")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, dtype
 
