@@ -186,8 +186,9 @@ def _case_non_finite(ctx):
 
 
 def _case_embed_options(ctx):
-    assert main([str(a) for a in _embed(ctx, ctx.cohort)]) == 0  # pooling cls
-    return _embed(ctx, ctx.cohort, "--pooling", "mean")
+    argv = ["embed", "random", ctx.cohort, "--out", ctx.tmp / "r.h5"]
+    assert main([str(a) for a in argv]) == 0  # pooling auto: mean
+    return [*argv, "--pooling", "cls"]
 
 
 def _probe(ctx, task, *extra):
@@ -329,7 +330,7 @@ CASES = {
         2,
     ),
     "embeddings options": (
-        ["this run has 'mean'; its vectors would differ: write to a new file"],
+        ["this run has 'cls'; its vectors would differ: write to a new file"],
         _case_embed_options,
         2,
     ),

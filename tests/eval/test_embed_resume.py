@@ -127,5 +127,13 @@ def test_meanpool_reads_every_tile_by_default(tmp_path):
     got, attrs = _vectors(out)
     np.testing.assert_allclose(got["big"], feats.astype(np.float64).mean(0), rtol=0, atol=1e-6)
     assert attrs["max_tiles"] == -1 and attrs["capped_slides"] == 0
+    assert attrs["pooling"] == "none"  # nothing to pool: not the encoders' default
     with h5py.File(out) as f:
         assert f.attrs["encoder_digest"] == "meanpool"
+
+
+def test_default_pooling_is_the_token_mean_the_recipes_are_read_with(cohort, tmp_path):
+    out = tmp_path / "r.h5"
+    assert main(["embed", "random", str(cohort), "--out", str(out), "--max-tiles", "120"]) == 0
+    _, attrs = _vectors(out)
+    assert attrs["pooling"] == "mean" and attrs["max_tiles"] == 120

@@ -65,14 +65,16 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--pooling",
-        default="cls",
-        help="slide vector of an encoder: cls (final CLS token), mean (mean of the final "
+        default="auto",
+        help="slide vector of an encoder. auto: mean for slidessl encoders (how the shipped "
+        "recipes are trained and read), cls for gigapath:PATH (its published readout). "
+        "cls (final CLS token), mean (mean of the final "
         "tile tokens; what the README and the demo use), pooled (the encoder's configured "
         "pool), layers:I,J,... (pooled outputs of blocks I, J, ... concatenated; negative "
         "counts from the last block), regions:S[,S2,...] (mean of the CLS of S x S-tile "
         "regions, concatenated over the sides given). gigapath:PATH takes cls, pooled, "
         "mean, forward-cls, forward-mean, layers:I,J or mean-layers:I,J (docs/evaluation.md); "
-        "meanpool, prototypes and cooc ignore it",
+        "meanpool, prototypes and cooc ignore it (the file records pooling=none)",
     )
     p.add_argument(
         "--max-tiles",

@@ -234,7 +234,7 @@ def run_embed(
     encoder_spec: str,
     manifest,
     out: str | Path,
-    pooling: str = "cls",
+    pooling: str = "auto",
     max_tiles: int | None | str = "auto",
     batch_size: int = 4,
     seed: int = 0,
@@ -254,6 +254,8 @@ def run_embed(
     says how many of its slides were capped. With ``maps`` > 0, that many slides' attention /
     PCA maps are stored in ``OUT.maps.npz`` (what ``slidessl report`` draws; encoders with
     attention blocks only), keyed by slide and added to on resume."""
+    if pooling == "auto":  # the published readout of Prov-GigaPath; the token mean otherwise
+        pooling = "cls" if encoder_spec.startswith("gigapath:") else "mean"
     if encoder_spec.startswith("gigapath:"):
         from slidessl.eval.gigapath_embed import run_gigapath_embed
 
@@ -265,6 +267,8 @@ def run_embed(
     from slidessl.data.manifest import Manifest, load_manifest
 
     parse_pooling(pooling)
+    if encoder_spec == "meanpool" or is_prototype_spec(encoder_spec):
+        pooling = "none"  # no encoder: nothing to pool (recorded as such)
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     out = Path(out)
