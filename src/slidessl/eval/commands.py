@@ -27,6 +27,29 @@ def _max_tiles(text: str):
     return value
 
 
+def _embeddings_and_manifest(p, columns: str) -> None:
+    """The EMBEDDINGS and MANIFEST positionals of probe and retrieve."""
+    p.add_argument(
+        "embeddings", metavar="EMBEDDINGS", help="embeddings file written by slidessl embed"
+    )
+    p.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help=f"manifest with the label {columns} and patient_id (slide files are not opened)",
+    )
+
+
+def _folds_k(p) -> None:
+    """``--k`` of probe and abmil (the folds they share)."""
+    p.add_argument(
+        "--k",
+        type=int,
+        default=10,
+        help="number of folds when the folds are new (an existing folds file keeps its own); "
+        "the demo uses 5",
+    )
+
+
 def register(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
@@ -126,14 +149,7 @@ def register(sub) -> None:
             "--folds eval/folds.json --out eval/pretrained"
         ),
     )
-    p.add_argument(
-        "embeddings", metavar="EMBEDDINGS", help="embeddings file written by slidessl embed"
-    )
-    p.add_argument(
-        "manifest",
-        metavar="MANIFEST",
-        help="manifest with the label columns and patient_id (slide files are not opened)",
-    )
+    _embeddings_and_manifest(p, "columns")
     p.add_argument("--task", required=True, action="append", help=TASK_HELP + "; repeatable")
     p.add_argument(
         "--folds",
@@ -141,13 +157,7 @@ def register(sub) -> None:
         "are made (--k, --seed) and added; the file is created when missing (not given: "
         "OUT/folds.json)",
     )
-    p.add_argument(
-        "--k",
-        type=int,
-        default=10,
-        help="number of folds when the folds are new (an existing folds file keeps its own); "
-        "the demo uses 5",
-    )
+    _folds_k(p)
     p.add_argument("--seed", type=int, default=0, help="seed of new folds, inner CV, bootstrap")
     p.add_argument("--Cs", default="1e-4,1e-3,1e-2,1e-1,1,10", help="comma-separated C grid")
     p.add_argument("--jobs", type=int, default=2, help="threads for the (task, fold) fits")
@@ -188,13 +198,7 @@ def register(sub) -> None:
         help="folds file (JSON), required: shared with probe; read when it has the task, "
         "else the task's folds are made (--k, --seed) and added (file created when missing)",
     )
-    p.add_argument(
-        "--k",
-        type=int,
-        default=10,
-        help="number of folds when the folds are new (an existing folds file keeps its own); "
-        "the demo uses 5",
-    )
+    _folds_k(p)
     p.add_argument("--seed", type=int, default=0, help="seed of new folds, tile sampling, training")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per fold")
     p.add_argument("--train-tiles", type=int, default=2048, help="tiles sampled per slide")
@@ -217,14 +221,7 @@ def register(sub) -> None:
             "cohort/manifest.csv --label subtype --out eval/pretrained"
         ),
     )
-    p.add_argument(
-        "embeddings", metavar="EMBEDDINGS", help="embeddings file written by slidessl embed"
-    )
-    p.add_argument(
-        "manifest",
-        metavar="MANIFEST",
-        help="manifest with the label column and patient_id (slide files are not opened)",
-    )
+    _embeddings_and_manifest(p, "column")
     p.add_argument("--label", required=True, help="label column of MANIFEST")
     p.add_argument("--out", required=True, help="output folder OUT")
     p.set_defaults(func=cmd_retrieve)

@@ -329,24 +329,26 @@ class SSLMetaArch(nn.Module):
             )
             logs["ibot_loss"] = ibot.detach()
             total = total + self.ibot_weight * ibot
-        if self.koleo_loss is not None:
+        # terms over the slides of a micro-batch, per global crop
+        for name, loss, weight, why in (
+            ("koleo", self.koleo_loss, self.koleo_weight, "KoLeo compares slides"),
+            (
+                "vicreg",
+                self.vicreg_loss,
+                self.vicreg_weight,
+                "VICReg's variance and covariance are taken over slides",
+            ),  # fmt: skip
+        ):
+            if loss is None:
+                continue
             if s_cls.shape[0] < 2 * n_g:
                 raise ValueError(
-                    "koleo.loss_weight > 0 needs train.batch_size >= 2 "
-                    "(KoLeo compares slides within a micro-batch)"
+                    f"{name}.loss_weight > 0 needs train.batch_size >= 2 ({why} within a "
+                    "micro-batch)"
                 )
-            koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(n_g))
-            logs["koleo_loss"] = koleo.detach()
-            total = total + self.koleo_weight * koleo
-        if self.vicreg_loss is not None:
-            if s_cls.shape[0] < 2 * n_g:
-                raise ValueError(
-                    "vicreg.loss_weight > 0 needs train.batch_size >= 2 (the variance and "
-                    "covariance are taken over the slides of a micro-batch)"
-                )
-            vicreg = sum(self.vicreg_loss(c) for c in s_cls.chunk(n_g))
-            logs["vicreg_loss"] = vicreg.detach()
-            total = total + self.vicreg_weight * vicreg
+            term = sum(loss(c) for c in s_cls.chunk(n_g))
+            logs[f"{name}_loss"] = term.detach()
+            total = total + weight * term
         if self.arrange_loss is not None:
             arrange = self._arrangement(g, s_cls, t_cls, mask, n_g)
             logs["arrange_loss"] = arrange.detach()
