@@ -444,7 +444,8 @@ def main(argv=None) -> int:
         train_s = time.time() - t
         enc = load_encoder(run_dir / "teacher").eval()
         X = _embed(enc, items, readout, ids)
-        rand, _ = build_embedder(f"random:{run_dir / 'teacher'}", dim, args.seed)
+        # the run's own step 0: the arch is drawn right after seeding with cfg.seed
+        rand, _ = build_embedder(f"random:{run_dir / 'teacher'}", dim, int(cfg["seed"]))
         Xr = _embed(rand, items, readout, ids)
         results[name] = {
             "rows": {
