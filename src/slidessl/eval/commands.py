@@ -327,6 +327,13 @@ def register(sub) -> None:
     p.add_argument("--shots", default="1,2,4,8", help="few-shot K per class")
     p.add_argument("--draws", type=int, default=50, help="few-shot draws per K")
     p.add_argument(
+        "--abmil-draws",
+        type=int,
+        default=10,
+        help="few-shot draws per K for ABMIL, which trains once per draw: the first ones of "
+        "the same draws",
+    )
+    p.add_argument(
         "--fewshot-tasks",
         help="tasks that get few-shot probes (not given: tumor_high,infiltrated on the "
         "synthetic cohort, every task of --manifest)",

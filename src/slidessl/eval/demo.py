@@ -261,7 +261,9 @@ def run_demo(args) -> int:
         if tk.name in {f.name for f in few_tasks}:
             tile_feats = [feats[sid] for sid in tk.slide_ids]
             scorer = fewshot_scorer(tile_feats, tk, acfg)
-            summary["fewshot"] = fewshot_task(None, tk, shots, args.draws, args.seed, scorer)
+            # ABMIL trains once per draw: the first --abmil-draws of the same draws
+            draws = min(args.draws, args.abmil_draws)
+            summary["fewshot"] = fewshot_task(None, tk, shots, draws, args.seed, scorer)
     write_results(
         out / "abmil",
         "abmil",
@@ -312,7 +314,8 @@ def run_demo(args) -> int:
             f"architecture (the runs' step 0) raw and PCA-whitened, mean pooling, the "
             f"label-free `prototypes` / `cooc` baselines (K = {args.prototypes}) and ABMIL, on "
             f"the same {args.k} patient-grouped folds; few-shot probes (K = {args.shots} "
-            f"patients per class, {args.draws} draws, the same for every method) and "
+            f"patients per class, {args.draws} draws, the same for every method; ABMIL, "
+            f"which trains per draw, on the first {min(args.draws, args.abmil_draws)}) and "
             f"leave-one-patient-out retrieval. Slides capped at {cap} tiles."
         ),
         "timings": timings,

@@ -365,8 +365,7 @@ class SSLMetaArch(nn.Module):
         coords = g.get("shuffled_coords")  # drawn with the crops (data.views): seeded
         if coords is None:
             coords = shuffle_positions(g["coords"], g["padding_mask"])
-        shuffled = dict(g, coords=coords)
-        shuffled.pop("lengths", None)  # padded call: the shuffled crops are not packed
+        shuffled = dict(g, coords=coords)  # packed like the crops when pack_crops is on
         (s_shuf,), _ = self._encode(self.student["backbone"], [shuffled], token_mask=mask)
         t_parts = t_cls.chunk(n_g)
         target = torch.cat([t_parts[(i + 1) % n_g] for i in range(n_g)])
