@@ -23,26 +23,43 @@ CASES = {
         "no_such_manifest.csv",
     ),
     "pretrain-no-manifest": (
-        lambda p: ["pretrain", "dino+cpu", f"out={p['out']}"], "data.manifest is not set"
+        lambda p: ["pretrain", "dino+cpu", f"out={p['out']}"],
+        "data.manifest is not set",
     ),
-    "embed": (lambda p: ["embed", "meanpool", p["missing"], "--out", p["out"] + ".h5"],
-              "no_such_manifest.csv"),  # fmt: skip
-    "probe": (lambda p: ["probe", "e.h5", p["empty"], "--task", "y", "--out", p["out"]],
-              "no slides"),  # fmt: skip
+    "embed": (
+        lambda p: ["embed", "meanpool", p["missing"], "--out", p["out"] + ".h5"],
+        "no_such_manifest.csv",
+    ),  # fmt: skip
+    "probe": (
+        lambda p: ["probe", "e.h5", p["empty"], "--task", "y", "--out", p["out"]],
+        "no slides",
+    ),  # fmt: skip
     "abmil": (
-        lambda p: ["abmil", p["missing"], "--task", "y", "--folds", p["out"] + ".json",
-                   "--out", p["out"]],  # fmt: skip
+        lambda p: [
+            "abmil",
+            p["missing"],
+            "--task",
+            "y",
+            "--folds",
+            p["out"] + ".json",
+            "--out",
+            p["out"],
+        ],  # fmt: skip
         "no_such_manifest.csv",
     ),
-    "retrieve": (lambda p: ["retrieve", "e.h5", p["missing"], "--label", "y", "--out", p["out"]],
-                 "e.h5: embeddings file does not exist"),  # fmt: skip
+    "retrieve": (
+        lambda p: ["retrieve", "e.h5", p["missing"], "--label", "y", "--out", p["out"]],
+        "e.h5: embeddings file does not exist",
+    ),  # fmt: skip
     "report": (lambda p: ["report", str(p["tmp"] / "no_run")], "no_run"),
     "diagnose": (
         lambda p: ["diagnose", "meanpool", p["missing"], "--task", "y", "--out", p["out"]],
         "no_such_manifest.csv",
     ),
-    "demo": (lambda p: ["demo", "--out", p["out"], "--manifest", p["missing"]],
-             "no_such_manifest.csv"),  # fmt: skip
+    "demo": (
+        lambda p: ["demo", "--out", p["out"], "--manifest", p["missing"]],
+        "no_such_manifest.csv",
+    ),  # fmt: skip
 }
 
 

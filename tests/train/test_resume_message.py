@@ -26,7 +26,8 @@ def test_fsdp_shards_resumed_as_one_process_or_ddp(tmp_path):
 def test_fsdp_from_a_whole_checkpoint_and_an_empty_folder(tmp_path):
     root = tmp_path / "checkpoints"
     two = SimpleNamespace(world_size=2, distributed=True)
-    assert _no_checkpoint(root, root / "rank0", True, two).endswith(f"no checkpoint in {root}/rank0")
+    msg = _no_checkpoint(root, root / "rank0", True, two)
+    assert msg.endswith(f"no checkpoint in {root}/rank0")
     save_checkpoint({"x": torch.zeros(1)}, root, step=5)
     msg = _no_checkpoint(root, root / "rank0", True, two)
     assert "ckpt-00000005.pt" in msg and "not from a single-process / DDP checkpoint" in msg
