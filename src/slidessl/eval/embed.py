@@ -267,13 +267,14 @@ def run_embed(
     from slidessl.data.manifest import Manifest, load_manifest
 
     parse_pooling(pooling)
-    if encoder_spec == "meanpool" or is_prototype_spec(encoder_spec):
+    no_encoder = encoder_spec == "meanpool" or is_prototype_spec(encoder_spec)
+    if no_encoder:
         pooling = "none"  # no encoder: nothing to pool (recorded as such)
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     out = Path(out)
     if max_tiles == "auto":  # cheap label-free baselines read every tile; encoders cap
-        max_tiles = None if is_prototype_spec(encoder_spec) or encoder_spec == "meanpool" else 8192
+        max_tiles = None if no_encoder else 8192
     # the whole cohort, each capped slide's subsample keyed by its id (not its position):
     # a slide's vector is a function of (encoder, slide file, options) only
     ds = SlideDataset(
@@ -314,8 +315,12 @@ def run_embed(
     if not done and maps_path(out).exists():  # a new file: no maps of an older run beside it
         maps_path(out).unlink()
     todo = [i for i, sid in enumerate(ds.slide_ids) if sid not in done]
-    summary = {"out": str(out), "skipped_existing": len(done), "written": 0, "bad_slides": []}
-    summary["bad_slides"] = list(ds.skipped)
+    summary = {
+        "out": str(out),
+        "skipped_existing": len(done),
+        "written": 0,
+        "bad_slides": list(ds.skipped),
+    }
     if not todo:
         log.info("%s: all %d slides already embedded", out, len(done))
         return summary
@@ -342,7 +347,7 @@ def run_embed(
             for sid, n in zip(ds.slide_ids, ds.num_tiles)
             if sid in in_file and max_tiles is not None and n > max_tiles
         ]
-        writer.set_attrs({"capped_slides": len(capped), "capped_to": options["max_tiles"]})
+        writer.set_attrs({"capped_slides": len(capped)})  # to max_tiles, also recorded
     summary["bad_slides"] = list(ds.skipped)
     summary["capped_slides"] = len(capped)
     if capped:

@@ -84,6 +84,11 @@ def existing_ids(path: str | Path) -> set[str]:
     return set(read_embeddings(path)[0])
 
 
+def _plain_attrs(attrs: dict) -> dict:
+    """File attributes as numbers or strings (what HDF5 and parquet metadata both hold)."""
+    return {k: str(v) if not isinstance(v, int | float) else v for k, v in attrs.items()}
+
+
 class EmbeddingWriter:
     """Append slide vectors to an embeddings file as they are computed (HDF5: flushed per
     batch so an interrupted run resumes; parquet: rewritten atomically on ``close``)."""
@@ -91,7 +96,7 @@ class EmbeddingWriter:
     def __init__(self, path: str | Path, attrs: dict):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.attrs = {k: str(v) if not isinstance(v, int | float) else v for k, v in attrs.items()}
+        self.attrs = _plain_attrs(attrs)
         self._rows: dict[str, np.ndarray] = {}
         self._written: list[str] = []
         if is_parquet(self.path):
@@ -108,12 +113,12 @@ class EmbeddingWriter:
 
     @property
     def written(self) -> list[str]:
-        """Slide ids written through this writer (and, for parquet, read back from the file)."""
+        """Slide ids written through this writer (not those already in the file)."""
         return list(self._written)
 
     def set_attrs(self, attrs: dict) -> None:
         """Add or replace file attributes (e.g. counts known only at the end)."""
-        fixed = {k: str(v) if not isinstance(v, int | float) else v for k, v in attrs.items()}
+        fixed = _plain_attrs(attrs)
         self.attrs.update(fixed)
         if self._h5 is not None:
             for k, v in fixed.items():
