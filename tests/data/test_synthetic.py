@@ -223,3 +223,54 @@ def test_normal_placement_leaves_other_tissue_alone(rng):
     assert np.array_equal(t0[same], t1[same])
     assert set(np.unique(t1[t0 != t1])) <= {STROMA, NORMAL}
     assert np.array_equal(base[2][t0 == t1], moved[2][t0 == t1])
+
+
+def test_survival_endpoint_censoring_and_ceiling(rng):
+    """On fresh seeds: about 30% censored, and the true log hazard ranks patients better than
+    any one of its properties (the C-indices docs/synthetic.md states)."""
+    from slidessl.data.synthetic import survival_endpoint
+    from slidessl.eval.survival import harrell_cindex
+
+    n = 3000
+    tumor = np.where(rng.random(n) < 0.5, rng.uniform(0.26, 0.5, n), rng.uniform(0.06, 0.3, n))
+    inf, apart = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    time, event, eta = survival_endpoint(tumor, inf, apart, np.random.default_rng(rng.integers(9)))
+    assert 0.26 < 1 - event.mean() < 0.34
+    assert np.all(time > 0)
+    ceiling = harrell_cindex(time, event, eta)
+    alone = {
+        "tumour": harrell_cindex(time, event, tumor),
+        "infiltrated": harrell_cindex(time, event, -inf.astype(float)),
+        "apart": harrell_cindex(time, event, apart.astype(float)),
+    }
+    print(f"ceiling {ceiling:.3f}, alone {alone}")
+    assert 0.73 < ceiling < 0.79
+    assert 0.57 < alone["tumour"] < 0.63 and 0.66 < alone["infiltrated"] < 0.72
+    assert 0.52 < alone["apart"] < 0.57
+
+
+def test_survival_columns_leave_everything_else_unchanged(tmp_path, monkeypatch, rng):
+    import slidessl.data.synthetic as synthetic
+
+    seed = int(rng.integers(1 << 20))
+    with_surv = make_cohort(tmp_path / "a", 14, seed=seed, dim=8, min_tiles=200, max_tiles=300)
+    monkeypatch.setattr(synthetic, "_add_survival", lambda *a: None)
+    without = make_cohort(tmp_path / "b", 14, seed=seed, dim=8, min_tiles=200, max_tiles=300)
+    ra, rb = _rows(with_surv), _rows(without)
+    for a, b in zip(ra, rb, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("os_months", "os_event")} == b
+    by_patient = {}
+    for a in ra:  # follow-up is the patient's
+        assert float(a["os_months"]) > 0 and a["os_event"] in {"0", "1"}
+        assert by_patient.setdefault(a["patient_id"], (a["os_months"], a["os_event"])) == (
+            a["os_months"],
+            a["os_event"],
+        )
+        with (
+            h5py.File(with_surv.parent / a["path"]) as fa,
+            h5py.File(without.parent / a["path"]) as fb,
+        ):
+            assert np.array_equal(fa["features"][()], fb["features"][()])
+            assert np.array_equal(fa["coords"][()], fb["coords"][()])
+    truth = _rows(with_surv.parent / "truth.csv")
+    assert all("log_hazard" in t for t in truth)

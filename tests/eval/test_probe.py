@@ -2,7 +2,8 @@ import numpy as np
 
 from slidessl.data.tasks import Task
 from slidessl.eval.folds import grouped_stratified_split, make_folds
-from slidessl.eval.probe import _standardize, probe_task
+from slidessl.eval.logreg import standardize as _standardize
+from slidessl.eval.probe import probe_task
 from slidessl.eval.results import summarize
 
 

@@ -12,7 +12,11 @@ attributes, plus an extra ``tissue_type`` int8 dataset of ground truth) and
 - ``EGFR, FAT1, KRAS, LRP1B, TP53``: weak, noisy 0/1 "mutations" tied to the above;
 - ``normal_apart``: long-range arrangement at equal composition: the normal tissue lies in
   two foci far apart vs a few tiles apart (never closer than ``tissue.NORMAL_GAP``):
-  invisible to mean pooling and to neighbour co-occurrence at smaller radii.
+  invisible to mean pooling and to neighbour co-occurrence at smaller radii;
+- ``os_months``, ``os_event``: overall survival (months, 1 = death / 0 = censored) from a
+  Weibull hazard whose log is linear in the patient's tumour fraction (composition),
+  immune infiltration inside the tumour (arrangement, protective) and ``normal_apart``
+  (long range), with independent censoring (see :func:`survival_endpoint`).
 
 Labels are drawn per patient; some patients have several slides.
 """
@@ -28,7 +32,18 @@ import numpy as np
 from slidessl.data import tissue
 
 MUTATIONS = ("EGFR", "FAT1", "KRAS", "LRP1B", "TP53")
-LABEL_COLUMNS = ("tumor_high", "infiltrated", "subtype") + MUTATIONS + ("normal_apart",)
+SURVIVAL_COLUMNS = ("os_months", "os_event")
+LABEL_COLUMNS = (
+    ("tumor_high", "infiltrated", "subtype") + MUTATIONS + ("normal_apart",) + SURVIVAL_COLUMNS
+)
+# The survival endpoint (docs/synthetic.md): log hazard = SURV_TUMOR * (tumour fraction -
+# SURV_TUMOR_MEAN) / SURV_TUMOR_SD + SURV_INFILTRATED * (infiltrated - 1/2) +
+# SURV_APART * (normal_apart - 1/2); Weibull shape SURV_SHAPE, scale SURV_SCALE months;
+# censoring times exponential with mean SURV_CENSOR_MEAN months (about 30% censored).
+SURV_TUMOR, SURV_TUMOR_MEAN, SURV_TUMOR_SD = 0.5, 0.28, 0.125
+SURV_INFILTRATED = -2.0
+SURV_APART = 0.5
+SURV_SHAPE, SURV_SCALE, SURV_CENSOR_MEAN = 1.5, 30.0, 80.0
 DEFAULT_DIM = 128
 TYPICAL_TILES = 3000
 
@@ -87,6 +102,33 @@ def patient_labels(n_patients: int, rng: np.random.Generator) -> list[dict]:
                 flip = int(np.argmin(p) if vals[0] == 1 else np.argmax(p))
                 rows[flip]["mutations"][m] = 1 - vals[0]
     return rows
+
+
+def survival_endpoint(
+    tumor_fraction: np.ndarray,
+    infiltrated: np.ndarray,
+    normal_apart: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patient ``(os_months, os_event, log_hazard)``.
+
+    ``log_hazard = SURV_TUMOR * z(tumour fraction) + SURV_INFILTRATED * (infiltrated - 1/2)
+    + SURV_APART * (normal_apart - 1/2)``; the event time has the Weibull survival
+    ``S(t) = exp(-(t / SURV_SCALE) ** SURV_SHAPE * exp(log_hazard))`` (proportional
+    hazards), the censoring time is exponential with mean ``SURV_CENSOR_MEAN``, independent
+    of everything else; the observed time is the smaller, rounded to 0.1 month."""
+    z = (np.asarray(tumor_fraction, dtype=np.float64) - SURV_TUMOR_MEAN) / SURV_TUMOR_SD
+    eta = (
+        SURV_TUMOR * z
+        + SURV_INFILTRATED * (np.asarray(infiltrated, dtype=np.float64) - 0.5)
+        + SURV_APART * (np.asarray(normal_apart, dtype=np.float64) - 0.5)
+    )
+    u = 1.0 - rng.random(len(eta))  # (0, 1]
+    event_time = SURV_SCALE * (-np.log(u) * np.exp(-eta)) ** (1.0 / SURV_SHAPE)
+    censor_time = rng.exponential(SURV_CENSOR_MEAN, len(eta))
+    time = np.round(np.minimum(event_time, censor_time), 1)
+    event = (event_time <= censor_time).astype(np.int64)
+    return np.maximum(time, 0.1), event, eta
 
 
 def _tile_count(rng: np.random.Generator, min_tiles: int, max_tiles: int) -> int:
@@ -163,7 +205,7 @@ def make_cohort(
     apart = _balanced(len(sizes), 2, np.random.default_rng([seed, 5]))
     for lab, f in zip(plabels, apart):
         lab["normal_apart"] = int(f)
-    rows, truth = [], []
+    rows, truth, patient_of = [], [], []
     index = 0
     for pid, (size, lab) in enumerate(zip(sizes, plabels)):
         patient = f"syn-p{pid:04d}"
@@ -191,6 +233,7 @@ def make_cohort(
                 "normal_apart": lab["normal_apart"],
             }
             rows.append(row)
+            patient_of.append(pid)
             counts = np.bincount(types, minlength=len(tissue.TISSUE_TYPES)) / len(types)
             truth.append(
                 {
@@ -202,6 +245,7 @@ def make_cohort(
                 }
             )
             index += 1
+    _add_survival(rows, truth, patient_of, plabels, np.random.default_rng([seed, 6]))
     _write_csv(out / "manifest.csv", rows)
     _write_csv(out / "truth.csv", truth)
     meta = {
@@ -217,6 +261,25 @@ def make_cohort(
     }
     (out / "cohort.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out / "manifest.csv"
+
+
+def _add_survival(rows, truth, patient_of, plabels, rng) -> None:
+    """``os_months`` / ``os_event`` per patient (its slides' mean true tumour fraction) from
+    a stream of their own, so every other column and draw is unchanged; the true log hazard
+    goes to ``truth.csv`` (the ceiling of any risk score)."""
+    n = len(plabels)
+    owner = np.asarray(patient_of)
+    frac = np.array([t["frac_tumor"] for t in truth], dtype=np.float64)
+    tumor = np.bincount(owner, frac, n) / np.maximum(np.bincount(owner, minlength=n), 1)
+    time, event, eta = survival_endpoint(
+        tumor,
+        np.array([lab["infiltrated"] for lab in plabels]),
+        np.array([lab["normal_apart"] for lab in plabels]),
+        rng,
+    )
+    for row, t, p in zip(rows, truth, owner):
+        row["os_months"], row["os_event"] = f"{time[p]:.1f}", int(event[p])
+        t["log_hazard"] = round(float(eta[p]), 6)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

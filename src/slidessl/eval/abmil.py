@@ -5,7 +5,9 @@ outer fold, one patient-grouped stratified fifth of the training slides is held 
 early stopping (AdamW; the weights of the epoch with the lowest validation loss are kept).
 On CPU it stays fast by sampling at most ``train_tiles`` tiles per slide per epoch and
 batching slides with padding masks; validation and test use every loaded tile (or fixed
-seeded subsamples of ``val_tiles`` / ``eval_tiles``).
+seeded subsamples of ``val_tiles`` / ``eval_tiles``). Survival tasks train one risk output
+with the Cox partial likelihood over the slides of each batch (``eval.cox_loss``) and
+stop early on the validation slides' partial likelihood.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slidessl.data.tasks import Task
+from slidessl.data.tasks import Task, inner_key
+from slidessl.eval.cox_loss import cox_ph_loss
 from slidessl.eval.folds import grouped_stratified_split
 from slidessl.models.abmil import GatedABMIL
 from slidessl.progress import progress as progress_bar
@@ -44,6 +47,8 @@ class ABMILConfig:
 
 
 def _targets(task: Task) -> tuple[torch.Tensor, int]:
+    if task.kind == "survival":  # (n, 2) [time, event]; one risk output
+        return torch.as_tensor(task.y, dtype=torch.float64), 1
     if task.kind == "binary":
         return torch.as_tensor(task.y, dtype=torch.float32)[:, None], 1
     if task.kind == "multiclass":
@@ -52,6 +57,8 @@ def _targets(task: Task) -> tuple[torch.Tensor, int]:
 
 
 def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "survival":
+        return cox_ph_loss(logits[:, 0], target[:, 0], target[:, 1], reduction="sum")
     if kind == "multiclass":
         return F.cross_entropy(logits, target, reduction="sum")
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
@@ -60,6 +67,8 @@ def _loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 def _scores(kind: str, logits: torch.Tensor) -> np.ndarray:
     if kind == "multiclass":
         return torch.softmax(logits, dim=1).numpy()
+    if kind == "survival":
+        return logits[:, 0].numpy().astype(np.float64)
     p = torch.sigmoid(logits).numpy()
     return p[:, 0] if kind == "binary" else p
 
@@ -141,10 +150,7 @@ def train_fold(
 ) -> tuple[np.ndarray, dict]:
     """Train on ``train`` (indices; an inner split of it for early stopping), score ``test``."""
     groups = np.asarray(task.patient_ids)[train]
-    if task.kind == "multilabel":
-        key = np.unique(task.y[train], axis=0, return_inverse=True)[1].reshape(-1)
-    else:
-        key = task.y[train]
+    key = inner_key(task, task.y[train])
     inner = grouped_stratified_split(key, groups, cfg.val_fraction_folds, cfg.seed)
     val, fit = train[inner == 0], train[inner != 0]
     model, best, history = _fit(feats, task, fit, val, cfg)
@@ -224,7 +230,8 @@ def run_abmil(
     out_tasks, out_folds, out_scores, logs = [], [], [], []
     for t, (sub, fold, feats) in enumerate(subs):
         n_out = _targets(sub)[1]
-        scores = np.zeros((len(feats),) if sub.kind == "binary" else (len(feats), n_out))
+        one = sub.kind in ("binary", "survival")
+        scores = np.zeros((len(feats),) if one else (len(feats), n_out))
         task_logs = []
         for f in range(int(fold.max()) + 1):
             if done[(t, f)] is None:

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 TASK_HELP = (
-    "tasks, comma-separated: COL (binary or multi-class) or NAME=COL1+COL2 (multi-label), "
-    "e.g. infiltrated,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53"
+    "tasks, comma-separated: COL (binary or multi-class), NAME=COL1+COL2 (multi-label) or "
+    "NAME=surv:TIME_COL:EVENT_COL (survival; event 1 = death / progression, 0 = censored), "
+    "e.g. infiltrated,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53,os=surv:os_months:os_event"
 )
 
 
@@ -141,7 +142,9 @@ def register(sub) -> None:
         description=(
             "Linear probe of slide embeddings: for each task, patient-grouped, "
             "label-stratified k-fold logistic regression (C chosen by inner CV), AUROC / AUPRC "
-            "per fold with bootstrap CIs. Reads EMBEDDINGS (from slidessl embed) and the "
+            "per fold with bootstrap CIs; survival tasks get an elastic-net Cox probe (penalty "
+            "by inner CV) and per-patient Harrell's / Uno's C-index and a log-rank test. "
+            "Reads EMBEDDINGS (from slidessl embed) and the "
             "labels of MANIFEST; writes OUT/metrics.json and OUT/predictions.npz and prints a "
             "table. Folds come from --folds (OUT/folds.json when not given), created when the "
             "file is missing or lacks the task, so every method shares them. Example: "
@@ -160,13 +163,19 @@ def register(sub) -> None:
     _folds_k(p)
     p.add_argument("--seed", type=int, default=0, help="seed of new folds, inner CV, bootstrap")
     p.add_argument("--Cs", default="1e-4,1e-3,1e-2,1e-1,1,10", help="comma-separated C grid")
+    p.add_argument(
+        "--l1-ratio",
+        type=float,
+        default=0.5,
+        help="survival tasks: the Cox probe's elastic-net mix (1 = lasso, near 0 = ridge)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="threads for the (task, fold) fits")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--method", help="name in tables (not given: the embeddings file stem)")
     p.add_argument(
         "--shots",
         help="also run few-shot probes with K labelled patients per class for each K given, "
-        "e.g. 1,2,4,8,16 (TITAN's protocol, docs/evaluation.md)",
+        "e.g. 1,2,4,8,16 (TITAN's protocol, docs/evaluation.md; not for survival tasks)",
     )
     p.add_argument("--draws", type=int, default=50, help="few-shot draws per K")
     p.add_argument("--out", required=True, help="output folder OUT")
@@ -417,6 +426,7 @@ def cmd_probe(args) -> int:
         args.jobs,
         args.bootstrap,
         where=args.embeddings,
+        l1_ratio=args.l1_ratio,
     )
     method = args.method or Path(args.embeddings).stem
     fewshot = None
@@ -424,9 +434,11 @@ def cmd_probe(args) -> int:
         from slidessl.eval.fewshot import format_fewshot, parse_shots, run_fewshot
 
         shots = parse_shots(args.shots)
-        fewshot = run_fewshot(ids, X, tasks, shots, args.draws, args.seed, args.embeddings)
+        labelled = [t for t in tasks if t.kind != "survival"]
+        fewshot = run_fewshot(ids, X, labelled, shots, args.draws, args.seed, args.embeddings)
         for task, summary in zip(res[0], res[3]):
-            summary["fewshot"] = fewshot[task.name]
+            if task.name in fewshot:
+                summary["fewshot"] = fewshot[task.name]
     extra = {
         "kind": "linear-probe",
         "embeddings": str(args.embeddings),

@@ -9,7 +9,9 @@
    ``prototypes`` / ``cooc`` baselines fitted on the cohort's tiles (and ``gigapath:PATH``
    with ``--gigapath``) - slides read once, capped at the recipes' ``data.max_tiles``;
 4. the linear probe of each on the same patient-grouped folds (``OUT/folds.json``), ABMIL
-   on the same folds, leave-one-patient-out retrieval;
+   on the same folds, leave-one-patient-out retrieval; the survival task (``os``) gets the
+   Cox probe and a Cox-loss ABMIL, and on the synthetic cohort the C-index of the true log
+   hazard (``truth.csv``) as its ceiling;
 5. ``slidessl report OUT``; prints the table, the verdict of each pretrained recipe against
    the baselines, and the report's path.
 """
@@ -20,11 +22,19 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_TASKS = "tumor_high,infiltrated,normal_apart,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53"
+DEFAULT_TASKS = (
+    "tumor_high,infiltrated,normal_apart,subtype,mutations=EGFR+FAT1+KRAS+LRP1B+TP53,"
+    "os=surv:os_months:os_event"
+)
 DEFAULT_RECIPES = "dino,dinov2,dinov2_grid"
 FEWSHOT_TASKS = ("tumor_high", "infiltrated")
 WHITENED = "random-init-pca"
-LABELS = {WHITENED: "random-init + PCA whitening", "abmil": "ABMIL"}
+CEILING = "ceiling"
+LABELS = {
+    WHITENED: "random-init + PCA whitening",
+    "abmil": "ABMIL",
+    CEILING: "true log-hazard (ceiling)",
+}
 PROTOTYPE_BASELINES = ("prototypes", "cooc")
 
 
@@ -173,10 +183,36 @@ def _mv_label(few_tasks) -> str | None:
     return single[-1] if single else None
 
 
+def _ceiling(tasks, manifest_path: Path, folds_path: Path, out: Path, seed: int) -> str | None:
+    """The C-index of the generator's true log hazard on each survival task (synthetic
+    cohorts: ``truth.csv`` beside the manifest), written as method ``ceiling``."""
+    import csv
+
+    import numpy as np
+
+    from slidessl.eval.folds import resolve_folds
+    from slidessl.eval.results import summarize, write_results
+
+    surv = [tk for tk in tasks if tk.kind == "survival"]
+    truth_path = manifest_path.parent / "truth.csv"
+    if not surv or not truth_path.exists():
+        return None
+    with truth_path.open() as fh:
+        truth = {r["slide_id"]: r.get("log_hazard") for r in csv.DictReader(fh)}
+    if not all(truth.get(s) for tk in surv for s in tk.slide_ids):
+        return None
+    folds = [resolve_folds(tk, folds_path) for tk in surv]
+    scores = [np.array([float(truth[s]) for s in tk.slide_ids]) for tk in surv]
+    sums = [summarize(tk, f, s, 500, seed) for tk, f, s in zip(surv, folds, scores)]
+    extra = {"kind": "oracle", "encoder": "the generator's true log hazard"}
+    write_results(out / CEILING, CEILING, surv, folds, scores, sums, extra=extra)
+    return CEILING
+
+
 def run_demo(args) -> int:
     from slidessl.data.dataset import SlideDataset
     from slidessl.data.manifest import load_manifest
-    from slidessl.data.tasks import build_tasks
+    from slidessl.data.tasks import build_tasks, default_task_specs
     from slidessl.eval.abmil import ABMILConfig, fewshot_scorer, run_abmil
     from slidessl.eval.fewshot import fewshot_task, parse_shots, run_fewshot
     from slidessl.eval.folds import resolve_folds
@@ -191,7 +227,7 @@ def run_demo(args) -> int:
     t0 = time.time()
     if args.manifest:
         manifest_path = Path(args.manifest)
-        specs = args.task or [",".join(load_manifest(manifest_path).label_columns)]
+        specs = args.task or [default_task_specs(load_manifest(manifest_path).label_columns)]
     else:
         from slidessl.data.synthetic import make_cohort
 
@@ -276,7 +312,7 @@ def run_demo(args) -> int:
     timings["abmil"] = time.time() - t
 
     t = time.time()
-    single = [tk for tk in tasks if tk.kind != "multilabel" and len(tk.columns) == 1]
+    single = [tk for tk in tasks if tk.kind in ("binary", "multiclass")]
     for name, e in emb.items():
         for tk in single:
             run_retrieval(
@@ -293,6 +329,7 @@ def run_demo(args) -> int:
     timings["diagnose"] = time.time() - t
 
     t = time.time()
+    ceiling = _ceiling(tasks, manifest_path, folds_path, out, args.seed)
     pretrained = list(teachers)
     meta = {
         "manifest": str(manifest_path.resolve()),
@@ -305,7 +342,9 @@ def run_demo(args) -> int:
         "labels": LABELS,
         "methods": {**methods, "abmil": "gated-attention ABMIL on tile features"},
         "pooling": args.pooling,
-        "tasks": [tk.name for tk in tasks],
+        "tasks": [tk.name for tk in tasks if tk.kind != "survival"],
+        "survival_tasks": [tk.name for tk in tasks if tk.kind == "survival"],
+        "ceiling": ceiling,
         "k": args.k,
         "description": (
             f"Demo: recipes {', '.join(f'`{r}`' for r in pretrained)} pretrained "
@@ -316,7 +355,8 @@ def run_demo(args) -> int:
             f"the same {args.k} patient-grouped folds; few-shot probes (K = {args.shots} "
             f"patients per class, {args.draws} draws, the same for every method; ABMIL, "
             f"which trains per draw, on the first {min(args.draws, args.abmil_draws)}) and "
-            f"leave-one-patient-out retrieval. Slides capped at {cap} tiles."
+            f"leave-one-patient-out retrieval; survival tasks by a Cox probe and a Cox-loss "
+            f"ABMIL on the same folds. Slides capped at {cap} tiles."
         ),
         "timings": timings,
     }
@@ -328,8 +368,8 @@ def run_demo(args) -> int:
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     summary = json.loads((out / "report.json").read_text())
     print("\n".join(summary["tables"]))
-    for line in summary["random_init_verdict"]:
-        print(line.replace("**", ""))
+    for line in summary["random_init_verdict"] + summary.get("survival_verdict", []):
+        print(line.replace("**", "").replace("`", ""))
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"report: {report}")
     return 0

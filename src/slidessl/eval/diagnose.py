@@ -147,9 +147,11 @@ def diagnose_items(
     k: int = 5, seed: int = 0,
 ) -> dict:  # fmt: skip
     """The three checks on preloaded slides (``tasks`` from ``data.tasks.build_tasks``,
-    ``folds`` the folds file shared with the other methods)."""
+    ``folds`` the folds file shared with the other methods). Survival tasks are left out:
+    the per-layer probes and leakage checks read class labels."""
     from slidessl.eval.probe import run_probe
 
+    tasks = [tk for tk in tasks if tk.kind != "survival"]
     result = {"encoder": desc, "pooling": pooling, "n_slides": len(items)}
     result["coordinate_shuffle"] = coordinate_shuffle(encoder, items, pooling, seed)
     labels = {

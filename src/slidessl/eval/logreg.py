@@ -21,6 +21,14 @@ from scipy.special import expit
 _W_MIN = 1e-12
 
 
+def standardize(X: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """``X`` scaled by the mean / std of the rows ``train`` (a constant feature -> 0)."""
+    mu = X[train].mean(axis=0)
+    sd = X[train].std(axis=0)
+    sd[sd < 1e-8] = np.inf  # constant on the training slides: carries no information
+    return (X - mu) / sd
+
+
 def _objective(f: np.ndarray, y: np.ndarray, penalty: float) -> float:
     return float(np.sum(np.logaddexp(0.0, f) - y * f) + penalty)
 

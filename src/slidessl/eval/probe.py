@@ -13,6 +13,8 @@ Multi-class tasks are one-vs-rest (one binary model, with its own C, per class; 
 normalised to sum to one), multi-label tasks one binary model per label. The solver is the
 exact Newton method of ``eval.logreg`` (dual form when slides < features), warm-started
 along the C path; (task, fold) jobs run on ``n_jobs`` threads with single-threaded BLAS.
+Survival tasks (``NAME=surv:TIME:EVENT``) get the penalised Cox probe of ``eval.coxprobe``
+on the same folds instead.
 """
 
 from __future__ import annotations
@@ -25,19 +27,13 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from slidessl.data.tasks import Task
+from slidessl.eval.coxprobe import DEFAULT_L1_RATIO, probe_survival
 from slidessl.eval.folds import grouped_stratified_split, resolve_folds
-from slidessl.eval.logreg import LogRegPath, fit_path
+from slidessl.eval.logreg import LogRegPath, fit_path, standardize
 from slidessl.eval.results import summarize
 
 log = logging.getLogger(__name__)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-
-def _standardize(X: np.ndarray, train: np.ndarray) -> np.ndarray:
-    mu = X[train].mean(axis=0)
-    sd = X[train].std(axis=0)
-    sd[sd < 1e-8] = np.inf  # constant on the training slides: carries no information
-    return (X - mu) / sd
 
 
 def select_c(
@@ -86,7 +82,7 @@ def fit_predict_binary(Xtr, ytr, gtr, Xte, Cs, inner_k=3, seed=0) -> tuple[np.nd
 
 def _fold_job(X, task: Task, fold, f, Cs, inner_k, seed):
     test, train = fold == f, fold != f
-    Xs = _standardize(X, train)
+    Xs = standardize(X, train)
     groups = np.asarray(task.patient_ids)
     Xtr, gtr, Xte = Xs[train], groups[train], Xs[test]
     if task.kind == "binary":
@@ -183,8 +179,10 @@ def run_probe(
     n_jobs=2,
     n_boot=1000,
     where="embeddings",
+    l1_ratio=DEFAULT_L1_RATIO,
 ):
-    """Probe every task; returns ``(tasks, folds, scores, summaries)`` aligned lists."""
+    """Probe every task; returns ``(tasks, folds, scores, summaries)`` aligned lists.
+    Survival tasks get the Cox probe of ``eval.coxprobe`` (risk scores, C-indices)."""
     items, used_tasks, used_folds = [], [], []
     for task in tasks:
         fold_all = resolve_folds(task, folds_path, k, seed)
@@ -193,10 +191,15 @@ def run_probe(
         items.append((Xt, sub, fold))
         used_tasks.append(sub)
         used_folds.append(fold)
-    results = probe_tasks(items, Cs, 3, seed, n_jobs)
+    classify = [it for it in items if it[1].kind != "survival"]
+    done = iter(probe_tasks(classify, Cs, 3, seed, n_jobs) if classify else [])
+    results = [
+        probe_survival(X, t, f, l1_ratio, 3, seed) if t.kind == "survival" else next(done)
+        for X, t, f in items
+    ]
     scores, summaries = [], []
     for (_, task, fold), (s, chosen) in zip(items, results):
-        task.meta["C_per_fold"] = chosen
+        task.meta["alpha_per_fold" if task.kind == "survival" else "C_per_fold"] = chosen
         scores.append(s)
         summaries.append(summarize(task, fold, s, n_boot=n_boot, seed=seed))
     return used_tasks, used_folds, scores, summaries

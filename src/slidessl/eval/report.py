@@ -5,7 +5,9 @@ pretraining run's ``metrics.csv`` when there is one, the slide maps stored besid
 (``*.maps.npz``) and ``RUN_DIR/run.json`` (written by ``slidessl demo``: the method to judge)
 for the verdict. It runs no model.
 Writes ``report.md``, ``report.json`` (``{"results": [{"method", "task", "auroc_mean",
-"auroc_std", "auprc_mean", "auprc_std", ...}], ...}``) and PNGs under ``RUN_DIR/figures``.
+"auroc_std", "auprc_mean", "auprc_std", ...}], ...}``; survival rows carry ``cindex_mean``,
+``cindex_std``, ``cindex_ci`` instead) and PNGs under ``RUN_DIR/figures`` (Kaplan-Meier
+curves of survival tasks from ``eval.survival_report``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from slidessl.eval.survival_report import (
+    cindex_table,
+    plot_km,
+    survival_row,
+    survival_verdicts,
+)
 from slidessl.eval.tables import (
     auroc_table,
     cell,
@@ -27,6 +35,7 @@ from slidessl.eval.tables import (
 )
 
 RESULT_KEYS = (
+    "kind",
     "auroc_mean",
     "auroc_std",
     "auprc_mean",
@@ -75,6 +84,8 @@ def collect_results(run_dir: Path) -> tuple[list[dict], dict[str, Path]]:
         for task, s in doc["tasks"].items():
             row = {"method": method, "task": task, **{k: s.get(k) for k in RESULT_KEYS}}
             row.update(fewshot_summary(s.get("fewshot")))
+            if s.get("kind") == "survival":
+                row.update(survival_row(s))
             if s.get("kind") == "multilabel":
                 row["auroc_micro_mean"] = s.get("auroc_micro_mean")
                 row["auprc_micro_mean"] = s.get("auprc_micro_mean")
@@ -129,7 +140,7 @@ def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
     for task in tasks:
         fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
         for method, d in preds.items():
-            if f"{task}/y" not in d.files:
+            if f"{task}/y" not in d.files or str(d[f"{task}/kind"]) == "survival":
                 continue
             y, s, kind = d[f"{task}/y"], d[f"{task}/scores"], str(d[f"{task}/kind"])
             if kind == "multiclass":
@@ -141,6 +152,9 @@ def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
             prec, rec, _ = precision_recall_curve(y, s)
             ax_roc.plot(fpr, tpr, label=method)
             ax_pr.plot(rec, prec, label=method)
+        if not ax_roc.lines:  # a survival task: Kaplan-Meier curves instead (plot_km)
+            plt.close(fig)
+            continue
         ax_roc.plot([0, 1], [0, 1], ":", color="grey")
         ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC")
         ax_pr.set(xlabel="recall", ylabel="precision", title=f"{task}: PR (pooled out-of-fold)")
@@ -257,7 +271,9 @@ def _summary(rows: list[dict], retrieval: list[dict], meta: dict):
     labels = {m: f"`{m}` (pretrained)" for m in focus} | dict(meta.get("labels") or {})
     if base:
         labels[base] = f"{base} (same architecture)"
-    tasks = meta.get("tasks") or list(dict.fromkeys(r["task"] for r in rows))
+    tasks = meta.get("tasks") or list(
+        dict.fromkeys(r["task"] for r in rows if r.get("kind") != "survival")
+    )
     tables = [
         "AUROC with all labels (fold mean ± std):",
         "",
@@ -273,6 +289,15 @@ def _summary(rows: list[dict], retrieval: list[dict], meta: dict):
             "",
             *fewshot_table(rows, retrieval, few, mv, order, labels),
         ]
+    surv = cindex_table(rows, [meta.get("ceiling"), *order], labels)
+    if surv:
+        tables += [
+            "",
+            "Survival (per patient; Harrell's C-index of the out-of-fold risk, pooled with a "
+            "bootstrap 95% CI over patients; Uno's C truncated at tau months):",
+            "",
+            *surv,
+        ]
     verdict = random_init_verdicts(rows, retrieval, focus, base, few, mv) if base else []
     return (tables if len(tables) > 3 else []), verdict
 
@@ -284,6 +309,8 @@ def _table(rows: list[dict]) -> list[str]:
         "| --- | --- | ---: | --- | --- | --- | --- |",
     ]
     for r in sorted(rows, key=lambda r: (r["task"], -num(r["auroc_mean"]))):
+        if r.get("kind") == "survival":
+            continue
         cells = []
         for key in ("auroc", "auprc"):
             lo, hi = r.get(f"{key}_ci") or [None, None]
@@ -315,6 +342,7 @@ def make_report(run_dir):
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     curves = plot_curves(pred_files, fig_dir)
+    curves += plot_km(pred_files, fig_dir, [meta.get("ceiling"), *(meta.get("focus") or [])])
     csvs = sorted(run_dir.rglob("metrics.csv"))
     training = [
         p
@@ -345,6 +373,22 @@ def make_report(run_dir):
         *_table(rows),
         "",
     ]
+    surv_table, surv_verdict = cindex_table(rows), survival_verdicts(rows)
+    if surv_table:
+        md += [
+            "## Survival (same folds; per patient)",
+            "",
+            "A patient's risk is the mean out-of-fold risk of its slides. Harrell's C-index "
+            "in each test fold (mean ± std) and pooled over all folds with a percentile "
+            "bootstrap 95% CI over patients; Uno's IPCW C truncated at tau (the 80th "
+            "percentile of follow-up); log-rank test of the patients above vs at or below "
+            "the median pooled risk (Kaplan-Meier figures below).",
+            "",
+            *surv_table,
+            "",
+            *[f"- {v}" for v in surv_verdict],
+            "",
+        ]
     if verdict:
         names = ", ".join(f"`{f}`" for f in ([focus] if isinstance(focus, str) else focus))
         md += [f"## Does {names} beat the baselines?", "", *[f"- {v}" for v in verdict], ""]
@@ -382,6 +426,7 @@ def make_report(run_dir):
         "verdict": verdict,
         "tables": tables,
         "random_init_verdict": init_verdict,
+        "survival_verdict": surv_verdict,
         "retrieval": retrieval,
         "diagnose": diagnoses,
         "figures": figs,

@@ -3,11 +3,13 @@
 Shared by the linear probe and ABMIL so both report the same statistics on the same folds:
 per-fold AUROC / AUPRC (mean +- std over folds, folds lacking a class are skipped and
 counted), a percentile-bootstrap 95% CI on the pooled out-of-fold predictions, and for
-multi-label tasks the macro and micro averages.
+multi-label tasks the macro and micro averages; survival tasks get per-patient C-indices
+instead (``eval.survival``).
 
 Files: ``DIR/metrics.json`` (``{"method", "tasks": {name: {...}}}``) and
-``DIR/predictions.npz`` (``<task>/slide_ids``, ``<task>/y``, ``<task>/scores``,
-``<task>/fold``) from which ``slidessl report`` draws ROC and PR curves.
+``DIR/predictions.npz`` (``<task>/slide_ids``, ``<task>/patient_ids``, ``<task>/y``,
+``<task>/scores``, ``<task>/fold``, ``<task>/kind``) from which ``slidessl report`` draws
+ROC and PR curves, and Kaplan-Meier curves of survival tasks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
 def summarize(
     task: Task, fold: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> dict:
-    """Statistics of one task from its out-of-fold ``scores`` (binary (n,), else (n, C))."""
+    """Statistics of one task from its out-of-fold ``scores`` (binary and survival (n,),
+    else (n, C)); survival tasks get C-indices (``eval.survival.summarize_survival``)."""
+    if task.kind == "survival":
+        from slidessl.eval.survival import summarize_survival
+
+        return summarize_survival(task, fold, scores, n_boot=n_boot, seed=seed)
     per_fold = []
     for f in range(int(fold.max()) + 1):
         sel = fold == f
@@ -106,6 +113,7 @@ def write_results(
         arrays[f"{t.name}/scores"] = s
         arrays[f"{t.name}/fold"] = f
         arrays[f"{t.name}/kind"] = np.asarray(t.kind)
+        arrays[f"{t.name}/patient_ids"] = np.asarray(t.patient_ids, dtype=str)
     np.savez(out_dir / "predictions.npz", **arrays)
     return path
 
@@ -117,6 +125,16 @@ def format_table(method: str, summaries: dict[str, dict]) -> str:
         f" {'AUPRC mean+-std':<15} {'pooled [95% CI]':<22}",
     ]
     for name, s in summaries.items():
+        if s.get("kind") == "survival":
+            lo, hi = s.get("cindex_ci") or [float("nan")] * 2
+            split = s.get("median_split") or {}
+            lines.append(
+                f"{method:<14} {name:<16} {s['n_slides']:>5}  C-index {_f(s['cindex_mean'])}"
+                f"+-{_f(s['cindex_std'])} pooled {_f(s['cindex_pooled'])} [{_f(lo)},{_f(hi)}]"
+                f"  Uno {_f(s['uno_cindex'])} (tau {s['uno_tau']:.1f})"
+                f"  log-rank p {_p(split.get('logrank_p'))}"
+            )
+            continue
         cells = []
         for key in ("auroc", "auprc"):
             lo, hi = s.get(f"{key}_ci") or [float("nan")] * 2
@@ -131,6 +149,10 @@ def format_table(method: str, summaries: dict[str, dict]) -> str:
             micro_p = f"{_f(s['auprc_micro_mean'])}+-{_f(s['auprc_micro_std'])}"
             lines.append(f"{'':<14} {'  (micro)':<16} {'':>5}  {micro:<15} {'':<22} {micro_p:<15}")
     return "\n".join(lines)
+
+
+def _p(x) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.2g}"
 
 
 def _f(x) -> str:

@@ -97,6 +97,12 @@ class LabelMonitor:
         tasks = build_tasks(manifest, [task])
         if len(tasks) != 1:
             raise ValueError(f"monitor.eval_task={task!r}: name one task, got {len(tasks)}")
+        if tasks[0].kind == "survival":
+            raise ValueError(
+                f"monitor.eval_task={task!r}: the k-NN monitor scores class labels; name a "
+                "binary, multi-class or multi-label task (survival: slidessl probe after "
+                "training)"
+            )
         self.task = tasks[0]
         if len(set(self.task.patient_ids)) < 2:
             raise ValueError(
