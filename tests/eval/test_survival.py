@@ -290,6 +290,8 @@ def test_demo_runs_survival_beside_the_other_tasks(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "Survival (per patient" in text and "true log-hazard (ceiling)" in text
+    auroc = text.split("AUROC with all labels")[1].split("Survival (per patient")[0]
+    assert "ceiling" not in auroc  # the ceiling has a survival row only
     report = json.loads((out / "report.json").read_text())
     surv = {r["method"]: r for r in report["results"] if r["task"] == "os"}
     methods = {"dino", "random-init", "random-init-pca", "meanpool", "prototypes", "cooc"}

@@ -139,10 +139,11 @@ def _summary(rows: list[dict], retrieval: list[dict], meta: dict):
     tasks = meta.get("tasks") or list(
         dict.fromkeys(r["task"] for r in rows if r.get("kind") != "survival")
     )
+    labelled = [r for r in rows if r.get("kind") != "survival"]  # survival: its own table
     tables = [
         "AUROC with all labels (fold mean ± std):",
         "",
-        *auroc_table(rows, tasks, order, labels),
+        *auroc_table(labelled, tasks, order, labels),
     ]
     few = meta.get("fewshot_tasks") or []
     mv = meta.get("retrieval_label")
@@ -152,7 +153,7 @@ def _summary(rows: list[dict], retrieval: list[dict], meta: dict):
             "Few-shot (AUROC; K labelled patients per class, mean over K ± mean std over the "
             "draws / K = 4) and MVAcc@5 retrieval:",
             "",
-            *fewshot_table(rows, retrieval, few, mv, order, labels),
+            *fewshot_table(labelled, retrieval, few, mv, order, labels),
         ]
     surv = cindex_table(rows, [meta.get("ceiling"), *order], labels)
     if surv:
