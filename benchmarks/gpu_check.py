@@ -15,8 +15,8 @@ import torch
 
 from slidessl.bench.attention import bench_attention
 from slidessl.bench.encoder import bench_encoder, encoder_step
+from slidessl.models.dilated.kernels import set_lse_grad
 from slidessl.models.encoder import build_encoder
-from slidessl.models.lse import set_lse_grad
 
 
 def _stage(name, fn):

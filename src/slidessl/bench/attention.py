@@ -7,8 +7,9 @@ import functools
 import torch
 
 from slidessl.bench.harness import DTYPES, device_name, fmt, frac, matmul_peak, timeit
-from slidessl.models.attention import attention_flops, dense_attention, dilated_attention
-from slidessl.models.encoder import (
+from slidessl.models.attention import dense_attention, dilated_attention
+from slidessl.models.dilated.plan import attention_flops
+from slidessl.models.presets import (
     DEFAULT_DILATIONS,
     DEFAULT_SEGMENTS,
     GIGAPATH_DILATIONS,

@@ -185,7 +185,7 @@ def _attention(args) -> int:
 
 def _encoder(args) -> int:
     from slidessl.bench.encoder import bench_encoder
-    from slidessl.models.lse import set_lse_grad
+    from slidessl.models.dilated.kernels import set_lse_grad
 
     set_lse_grad(args.lse_grad)
     device, dtype = _device_dtype(args)

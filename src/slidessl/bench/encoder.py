@@ -15,9 +15,9 @@ from slidessl.bench.harness import (
     reset_mem,
     timeit,
 )
-from slidessl.models.attention import attention_flops
+from slidessl.models.dilated.kernels import lse_grad_mode
+from slidessl.models.dilated.plan import attention_flops
 from slidessl.models.encoder import build_encoder
-from slidessl.models.lse import lse_grad_mode
 
 __all__ = ["bench_encoder", "encoder_flops", "encoder_step", "packed_step_lengths"]
 

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from slidessl.dtensor import local
-from slidessl.models.encoder import build_encoder, pack_padded
+from slidessl.models.encoder import build_encoder
+from slidessl.models.packing import pack_padded, segment_mean
 from slidessl.ssl.arrangement_loss import ArrangementLoss, shuffle_positions
 from slidessl.ssl.dino_loss import DINOLoss
 from slidessl.ssl.heads import DINOHead
@@ -76,16 +77,6 @@ def cap_masked(mask: torch.Tensor, cap: int | None) -> torch.Tensor:
     scores = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return mask & (rank < int(cap))
-
-
-def _segment_mean(tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """``(S, E)`` mean of each of the ``S`` back-to-back runs of ``lengths`` rows of ``tokens``."""
-    reps = torch.as_tensor(lengths, device=tokens.device)
-    seq = torch.arange(len(lengths), device=tokens.device).repeat_interleave(
-        reps, output_size=tokens.shape[0]
-    )
-    sums = tokens.new_zeros(len(lengths), tokens.shape[1]).index_add(0, seq, tokens)
-    return sums / reps.clamp_min(1)[:, None].to(tokens.dtype)
 
 
 class SSLMetaArch(nn.Module):
@@ -230,7 +221,7 @@ class SSLMetaArch(nn.Module):
             flat = [n for ns in lengths for n in ns]
             cls, tokens = backbone.forward_packed(feats, coords, flat, packed_mask, center)
             if self.readout == "mean":
-                cls = _segment_mean(tokens, flat)
+                cls = segment_mean(tokens, flat)
             parts = list(cls.split([len(n) for n in lengths]))
             chosen = None if select is None else tokens[:t0][pack_padded(select, lengths[0])]
             return parts, chosen
