@@ -13,9 +13,10 @@ import traceback
 
 import torch
 
-from slidessl.bench import bench_attention, bench_encoder, encoder_step
+from slidessl.bench.attention import bench_attention
+from slidessl.bench.encoder import bench_encoder, encoder_step
+from slidessl.models.dilated.kernels import set_lse_grad
 from slidessl.models.encoder import build_encoder
-from slidessl.models.lse import set_lse_grad
 
 
 def _stage(name, fn):

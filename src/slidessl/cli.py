@@ -17,7 +17,7 @@ from slidessl import __version__
 
 _COMMAND_MODULES = (
     "slidessl.data.commands",
-    "slidessl.models.commands",
+    "slidessl.bench.commands",
     "slidessl.train.commands",
     "slidessl.eval.commands",
 )

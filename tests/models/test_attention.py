@@ -5,8 +5,9 @@ import torch
 
 from reference_attention import reference_branch, reference_dilated_attention
 from slidessl.models import attention as attention_mod
-from slidessl.models import lse as lse_mod
 from slidessl.models.attention import dense_attention, dilated_attention
+from slidessl.models.dilated import lse as lse_mod
+from slidessl.models.dilated import plan as plan_mod
 
 
 def _qkv(b, n, h, d, dtype=torch.float64, grad=False):
@@ -94,7 +95,7 @@ def test_gradients_match_reference(backend):
 
 
 def test_multiplicity_bias_counts_branches():
-    bias, covered = attention_mod.multiplicity_bias(12, 4, [4, 12], [1, 2], "cpu", torch.float64)
+    bias, covered = plan_mod.multiplicity_bias(12, 4, [4, 12], [1, 2], "cpu", torch.float64)
     # head 0 (group 0 of r=2): positions 0 and 2 share segment 0 of branch 1 and the whole
     # sequence's even offsets in branch 2 -> seen twice
     assert bias[0, 0, 2].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())

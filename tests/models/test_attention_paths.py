@@ -5,7 +5,9 @@ import torch
 
 from reference_attention import reference_dilated_attention
 from slidessl.models import attention as attention_mod
-from slidessl.models.attention import branch_layout, dilated_attention
+from slidessl.models.attention import dilated_attention
+from slidessl.models.dilated import plan as plan_mod
+from slidessl.models.dilated.plan import branch_layout
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +24,19 @@ def test_branch_layout_pads_to_whole_segments():
 
 
 def test_pieces_split_off_the_partial_segment():
-    assert attention_mod._pieces(8193, 1024) == [(0, 8192, 1024), (8192, 8193, 1)]
-    assert attention_mod._pieces(8193, 65536) == [(0, 8193, 8193)]
-    assert attention_mod._pieces(2048, 1024) == [(0, 2048, 1024)]
+    assert plan_mod._pieces(8193, 1024) == [(0, 8192, 1024), (8192, 8193, 1)]
+    assert plan_mod._pieces(8193, 65536) == [(0, 8193, 8193)]
+    assert plan_mod._pieces(2048, 1024) == [(0, 2048, 1024)]
     # the attention work counted for the CLS length drops to the partial segment's own size
-    full = attention_mod.attention_flops(8192, 4, [1024], [1])
-    assert attention_mod.attention_flops(8193, 4, [1024], [1]) == full + 4.0 * 4
+    full = plan_mod.attention_flops(8192, 4, [1024], [1])
+    assert plan_mod.attention_flops(8193, 4, [1024], [1]) == full + 4.0 * 4
 
 
 @pytest.mark.parametrize("n,h,segs,dils", [(257, 4, [32, 128, 512], [1, 2, 4]), (37, 6, [5], [2])])
 def test_plan_rows_cover_each_branch_once(n, h, segs, dils):
     """Every (position, head) that a branch keeps is one real row of the plan, read from
     and added back to that position; no branch refers to a padding row."""
-    plan = attention_mod._plan(2, n, h, segs, dils, "cpu")
+    plan = plan_mod.padded_plan(2, n, h, segs, dils, "cpu")
     rows = plan.gather.numel()
     assert plan.valid.numel() == rows
     per = plan.rows_of.view(2 * n * h, len(segs))
@@ -53,8 +55,8 @@ def test_plan_rows_cover_each_branch_once(n, h, segs, dils):
 
 
 def test_plan_is_cached():
-    a = attention_mod._plan(1, 100, 4, [16, 64], [1, 2], "cpu")
-    assert attention_mod._plan(1, 100, 4, [16, 64], [1, 2], "cpu") is a
+    a = plan_mod.padded_plan(1, 100, 4, [16, 64], [1, 2], "cpu")
+    assert plan_mod.padded_plan(1, 100, 4, [16, 64], [1, 2], "cpu") is a
 
 
 def _assert_reference(out, q, k, v, segs, dils, atol):
@@ -135,8 +137,8 @@ def test_varlen_stream_equals_each_sequence_alone(rng, lengths, h, segs, dils, e
 def test_varlen_plan_shares_one_call_per_segment_length():
     """Two sequences of the same length run in the classes of one: the kernel calls per
     layer do not grow with the number of crops."""
-    one = attention_mod._plan_varlen((300,), 4, [64, 256], [1, 2], "cpu")
-    many = attention_mod._plan_varlen((300,) * 5 + (300,), 4, [64, 256], [1, 2], "cpu")
+    one = plan_mod.varlen_plan((300,), 4, [64, 256], [1, 2], "cpu")
+    many = plan_mod.varlen_plan((300,) * 5 + (300,), 4, [64, 256], [1, 2], "cpu")
     assert [c[0] for c in many.classes] == [c[0] for c in one.classes]
     assert [c[1] for c in many.classes] == [6 * c[1] for c in one.classes]
 
@@ -164,7 +166,7 @@ def test_combine_edge_layouts_match_reference(rng, n, h, segs, dils):
     """The packed combine's backward (each block's kernel given the combined output) is
     exact where padding rows have no empty weight slot to read and where some positions
     are seen by no branch (float64 reference, values and gradients)."""
-    plan = attention_mod._plan(1, n, h, segs, dils, "cpu")
+    plan = plan_mod.padded_plan(1, n, h, segs, dils, "cpu")
     assert plan.pad_weight or not plan.covered
     q, k, v = (torch.randn(1, n, h, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     _assert_reference(dilated_attention(q, k, v, segs, dils), q, k, v, segs, dils, atol=1e-10)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from slidessl.bench import bench_attention, encoder_flops
+from slidessl.bench.attention import bench_attention
+from slidessl.bench.encoder import encoder_flops
 from slidessl.cli import main
 from slidessl.models.encoder import build_encoder
 
@@ -75,7 +76,7 @@ def test_bench_encoder_cli(capsys):
 def test_bench_encoder_packed_step_row():
     """--packed-step adds one row per N: the 10 crops of a step in one packed stream, with
     the model FLOPs of every crop."""
-    from slidessl.bench import bench_encoder, encoder_flops, packed_step_lengths
+    from slidessl.bench.encoder import bench_encoder, encoder_flops, packed_step_lengths
 
     lines = []
     rows, _ = bench_encoder(
@@ -108,7 +109,7 @@ def test_bench_defaults_depend_on_the_device():
     long sequence lengths; an explicit --n is never replaced."""
     import argparse
 
-    from slidessl.models import commands
+    from slidessl.bench import commands
 
     args = argparse.Namespace(n=None, mem_n=None)
     commands._default(args, "n", "encoder_n", "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slidessl.models import PRESETS, SlideEncoder, build_encoder
-from slidessl.models.encoder import pack_padded
+from slidessl.models.packing import pack_padded
 
 
 def _inputs(b, n, d, grid=60):

@@ -5,8 +5,8 @@ import functools
 import pytest
 import torch
 
-from slidessl.models import lse as lse_mod
 from slidessl.models.attention import dilated_attention
+from slidessl.models.dilated import lse as lse_mod
 
 
 @pytest.fixture
@@ -101,12 +101,13 @@ def test_kernel_mode_needs_no_extra_attention_call(lse_grad, monkeypatch):
     """Kernel mode: one forward and one backward kernel per segment length; the surrogate
     needs a second forward (and its backward) per length."""
     from slidessl.models import attention as attention_mod
+    from slidessl.models.dilated import plan as plan_mod
 
     monkeypatch.setattr(attention_mod, "SMALL_N_BIAS_ELEMENTS", 0)
     # 300 tokens: branch 64 -> 4 segments of 64 + a partial one of 44, branch 256 (r = 2)
     # -> 128 + 22 sparse rows; the 22 are padded into the 44 (a small share of the work):
     # three lengths, 44, 64 and 128
-    assert [c[0] for c in attention_mod._plan(1, 300, 4, [64, 256], [1, 2], "cpu").classes] == [
+    assert [c[0] for c in plan_mod.padded_plan(1, 300, 4, [64, 256], [1, 2], "cpu").classes] == [
         44,
         64,
         128,
@@ -149,7 +150,7 @@ def test_cuda_lse_gradients_match_math(mode, dtype, masked, lse_grad):
 def test_a_changed_private_kernel_falls_back_to_the_public_path(rng, monkeypatch):
     """A torch whose private attention kernels changed signature (TypeError) gets one
     warning and the public path, with the same outputs, LSE and exact gradients."""
-    from slidessl.models import lse as mod
+    from slidessl.models.dilated import lse as mod
 
     def changed(*args, **kwargs):
         raise TypeError("_scaled_dot_product_flash_attention_for_cpu() got an unexpected arg")
@@ -180,7 +181,7 @@ def test_a_changed_private_kernel_falls_back_to_the_public_path(rng, monkeypatch
 
 
 def test_private_kernels_pass_their_check_on_this_torch():
-    from slidessl.models import lse as mod
+    from slidessl.models.dilated import lse as mod
 
     mod._PRIVATE_OK.pop("cpu", None)
     assert mod.private_kernels_ok("cpu")
@@ -192,7 +193,7 @@ def test_private_kernel_check_is_not_fooled_by_autocast(monkeypatch):
     route every later call, bf16 or not, to the slow public path)."""
     import warnings
 
-    from slidessl.models import lse as mod
+    from slidessl.models.dilated import lse as mod
 
     monkeypatch.setattr(mod, "_PRIVATE_OK", {})
     with warnings.catch_warnings():

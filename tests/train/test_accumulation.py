@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slidessl.ssl.meta import SSLMetaArch
-from slidessl.train.optim import build_optimizer
+from slidessl.train.optim import build_optimizer, param_groups
 from slidessl.train.schedules import build_schedules
 from slidessl.train.step import optimizer_step
 
@@ -15,7 +15,7 @@ from .conftest import random_slide
 
 def _run(cfg, arch, batches_per_step):
     arch = copy.deepcopy(arch)
-    opt = build_optimizer(arch.get_params_groups(cfg["optim"]["layer_decay"]), cfg)
+    opt = build_optimizer(param_groups(arch.student, cfg["optim"]["layer_decay"]), cfg)
     sch = build_schedules(cfg, steps_per_epoch=2, global_batch=4)
     losses, grads = [], None
     for step, micro in enumerate(batches_per_step):

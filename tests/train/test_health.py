@@ -18,7 +18,7 @@ from slidessl.ssl.meta import SSLMetaArch
 from slidessl.train.health import LossStall, WeightDrift, grad_culprits, grad_norms
 from slidessl.train.label_monitor import knn_auroc, knn_scores
 from slidessl.train.loop import pretrain
-from slidessl.train.optim import build_optimizer
+from slidessl.train.optim import build_optimizer, param_groups
 from slidessl.train.schedules import build_schedules
 from slidessl.train.step import optimizer_step
 
@@ -83,7 +83,7 @@ def test_step_with_nonfinite_gradient_is_skipped_not_applied(tiny_cfg, make_batc
     cfg = tiny_cfg("dinov2", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0")
     torch.manual_seed(int(rng.integers(1 << 30)))
     arch = SSLMetaArch.from_config(cfg, feature_dim=16)
-    opt = build_optimizer(arch.get_params_groups(1.0), cfg)
+    opt = build_optimizer(param_groups(arch.student, 1.0), cfg)
     sched = build_schedules(cfg, steps_per_epoch=4, global_batch=2).at(0)
     batch = make_batch(cfg, [random_slide(rng, i) for i in range(2)])
     before = {k: v.clone() for k, v in arch.state_dict().items()}

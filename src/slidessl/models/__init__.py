@@ -6,7 +6,7 @@ Names resolve lazily, so that ``slidessl --help`` does not import torch.
 import importlib
 
 _EXPORTS = {
-    "PRESETS": "slidessl.models.encoder",
+    "PRESETS": "slidessl.models.presets",
     "SlideEncoder": "slidessl.models.encoder",
     "build_encoder": "slidessl.models.encoder",
     "load_encoder": "slidessl.models.io",

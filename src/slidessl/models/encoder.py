@@ -27,84 +27,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slidessl.models.attention import validate_branches
 from slidessl.models.blocks import Block
 from slidessl.models.gridconv import GridContext, grid_neighbours
-from slidessl.models.posenc import POS_MODES, sincos_2d
+from slidessl.models.packing import segment_mean, stream_index
+from slidessl.models.posenc import sincos_2d
+from slidessl.models.presets import PRESETS, encoder_config
 
 __all__ = [
     "READOUTS",
     "SlideEncoder",
     "build_encoder",
     "readout",
-    "pack_padded",
     "PRESETS",
-    "DEFAULT_SEGMENTS",
-    "DEFAULT_DILATIONS",
 ]
-
-# Chosen from `slidessl bench attention` (docs/performance.md): 10x fewer attention FLOPs
-# than dense at 16k tokens while every token still sees a 1024-token neighbourhood at r=1.
-DEFAULT_SEGMENTS = (1024, 4096, 16384, 65536)
-DEFAULT_DILATIONS = (1, 4, 8, 16)
-GIGAPATH_SEGMENTS = (1024, 5792, 32768, 185363, 1048576)
-GIGAPATH_DILATIONS = (1, 2, 4, 8, 16)
-
-_DEFAULTS = dict(
-    in_dim=1536,
-    embed_dim=768,
-    depth=12,
-    num_heads=16,
-    mlp_dim=3072,
-    attention="dilated",
-    segments=DEFAULT_SEGMENTS,
-    dilations=DEFAULT_DILATIONS,
-    subln=True,
-    subln_init=True,
-    encoder_norm=False,
-    block_eps=1e-5,
-    norm_eps=1e-6,
-    pos_mode="xy",
-    pool="cls",
-    drop_path_rate=0.0,
-    dropout=0.0,
-    grad_checkpointing=False,
-    exact_grad=True,
-    grid_context=0,  # odd k > 0: a k x k depthwise conv over the tile grid before the blocks
-    input_center=False,  # subtract each input's (slide's or crop's) mean tile feature first
-    local_kernel=0,  # odd k >= 3: the first `local_depth` blocks attend to k x k grid neighbours
-    local_depth=0,
-    pos_bias="none",  # "alibi2d": the global (non-local) blocks get TITAN's 2-D ALiBi bias
-    cls_pos=False,  # local blocks: the CLS sees its tiles' positions (relative to its input)
-)
-
-PRESETS: dict[str, dict] = {
-    # CPU demo / tests: trains in minutes
-    "tiny": dict(
-        in_dim=64,
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        mlp_dim=128,
-        segments=(64, 256, 1024),
-        dilations=(1, 2, 4),
-    ),
-    "small": dict(in_dim=1536, embed_dim=256, depth=6, num_heads=8, mlp_dim=1024),
-    "base": dict(in_dim=1536, embed_dim=768, depth=12, num_heads=16, mlp_dim=3072),
-    # Prov-GigaPath slide encoder (gigapath_slide_enc12l768d) layout and positions
-    "gigapath": dict(
-        in_dim=1536,
-        embed_dim=768,
-        depth=12,
-        num_heads=16,
-        mlp_dim=3072,
-        segments=GIGAPATH_SEGMENTS,
-        dilations=GIGAPATH_DILATIONS,
-        encoder_norm=True,
-        pos_mode="gigapath",
-        drop_path_rate=0.1,
-    ),
-}
 
 
 class SlideEncoder(nn.Module):
@@ -112,28 +47,7 @@ class SlideEncoder(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        unknown = set(config) - set(_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"unknown SlideEncoder option(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
-            )
-        cfg = {**_DEFAULTS, **config}
-        cfg["segments"], cfg["dilations"] = (
-            list(t) for t in validate_branches(cfg["segments"], cfg["dilations"])
-        )
-        if cfg["attention"] not in ("dilated", "dense"):
-            raise ValueError(f"attention must be 'dilated' or 'dense', got {cfg['attention']!r}")
-        if cfg["pos_mode"] not in POS_MODES:
-            raise ValueError(f"pos_mode must be one of {POS_MODES}, got {cfg['pos_mode']!r}")
-        if cfg["pos_bias"] not in ("none", "alibi2d"):
-            raise ValueError(f"pos_bias must be 'none' or 'alibi2d', got {cfg['pos_bias']!r}")
-        if cfg["pool"] not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {cfg['pool']!r}")
-        if cfg["embed_dim"] % 4 or cfg["embed_dim"] % cfg["num_heads"]:
-            raise ValueError(
-                f"embed_dim {cfg['embed_dim']} must be divisible by 4 and by "
-                f"num_heads {cfg['num_heads']}"
-            )
+        cfg = encoder_config(config)
         self.config = cfg
         self.in_dim, self.embed_dim, self.depth = cfg["in_dim"], cfg["embed_dim"], cfg["depth"]
         self.grad_checkpointing = bool(cfg["grad_checkpointing"])
@@ -224,8 +138,13 @@ class SlideEncoder(nn.Module):
                     f"got {m.dtype} {tuple(m.shape)}"
                 )
 
-    def _embed(self, x, coords, token_mask):
-        """Tile tokens: the projection, the mask token where ``token_mask``, positions."""
+    def _embed(self, x, coords, token_mask=None, center=None, own_mean=None):
+        """Tile tokens, the prefix every forward path shares: with ``input_center`` the
+        features less ``center`` (broadcast to ``x``) or, without one, less ``own_mean(x)``
+        (each input's own mean, as the path lays inputs out); the projection; the mask token
+        where ``token_mask``; positions."""
+        if self.config["input_center"]:
+            x = x - (own_mean(x) if center is None else center.to(x.dtype))
         h = self.patch_embed(x)
         if token_mask is not None:
             h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype)[0], h)
@@ -242,12 +161,8 @@ class SlideEncoder(nn.Module):
         encoder norm, before the final norm; ``states`` the block input and block outputs
         whose positions (0 = input, i = block i) are in ``keep``."""
         self._check(x, coords, padding_mask, token_mask)
-        if self.config["input_center"]:
-            if center is None:
-                x = x - _masked_mean(x, padding_mask)
-            else:
-                x = x - center.to(x.dtype).unsqueeze(1)
-        h = self._embed(x, coords, token_mask)
+        center = None if center is None else center.unsqueeze(1)
+        h = self._embed(x, coords, token_mask, center, lambda x: _masked_mean(x, padding_mask))
         if self.grid_context is not None:
             h = h + self.grid_context(h, coords, padding_mask)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
@@ -341,14 +256,10 @@ class SlideEncoder(nn.Module):
             )
         n_in = len(lengths)
         reps = torch.as_tensor(lengths, device=x.device)
-        if self.config["input_center"]:
-            if center is None:
-                seq = torch.arange(n_in, device=x.device).repeat_interleave(reps, output_size=t)
-                sums = x.new_zeros(n_in, x.shape[1]).index_add(0, seq, x)
-                center = sums / reps.clamp_min(1)[:, None].to(x.dtype)
-            x = x - center.to(x.dtype).repeat_interleave(reps, dim=0, output_size=t)
-        h = self._embed(x, coords, token_mask)
-        order, cls_rows, tile_rows = (i.to(x.device) for i in _stream_index(tuple(lengths)))
+        spread = lambda c: c.repeat_interleave(reps, dim=0, output_size=t)  # noqa: E731
+        center = None if center is None else spread(center)
+        h = self._embed(x, coords, token_mask, center, lambda x: spread(segment_mean(x, lengths)))
+        order, cls_rows, tile_rows = (i.to(x.device) for i in stream_index(tuple(lengths)))
         cls = self.cls_token[0].expand(n_in, -1).to(h.dtype)
         h = torch.cat([cls, h]).index_select(0, order)[None]  # (1, T + S, E): CLS, tiles, ...
         full = [n + 1 for n in lengths]
@@ -419,12 +330,7 @@ class SlideEncoder(nn.Module):
         if not regions:
             raise ValueError("forward_regions needs at least one region")
         self._check(x[None], coords[None], None, None)
-        if self.config["input_center"]:
-            x = x - (x.mean(dim=0) if center is None else center.to(x.dtype))
-        tiles = self.patch_embed(x)
-        tiles = tiles + sincos_2d(coords[None], self.embed_dim, self.config["pos_mode"])[0].to(
-            tiles.dtype
-        )
+        tiles = self._embed(x, coords, None, center, lambda x: x.mean(dim=0))
         if self.grid_context is not None:
             tiles = tiles + self.grid_context(tiles[None], coords[None])[0]
         members = torch.nn.utils.rnn.pad_sequence(list(regions), batch_first=True, padding_value=-1)
@@ -468,42 +374,6 @@ def _masked_mean(x: torch.Tensor, padding_mask) -> torch.Tensor:
         return x.mean(dim=1, keepdim=True)
     keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
     return (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
-
-
-_STREAM_CACHE: dict = {}
-
-
-def _stream_index(lengths: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices of a packed stream of inputs of ``lengths`` tiles, each led by its CLS:
-    ``order`` (T + S,) the row of ``cat([cls (S), tiles (T)])`` at each stream position,
-    and the stream positions of the CLS tokens (S,) and of the tiles (T,) (CPU, cached)."""
-    hit = _STREAM_CACHE.get(lengths)
-    if hit is not None:
-        return hit
-    n_in = len(lengths)
-    full = torch.as_tensor(lengths, dtype=torch.long) + 1
-    cls_rows = torch.cumsum(full, 0) - full
-    is_cls = torch.zeros(int(full.sum()), dtype=torch.bool)
-    is_cls[cls_rows] = True
-    order = torch.empty(len(is_cls), dtype=torch.long)
-    order[cls_rows] = torch.arange(n_in)
-    order[~is_cls] = n_in + torch.arange(int(full.sum()) - n_in)
-    if len(_STREAM_CACHE) >= 64:
-        _STREAM_CACHE.clear()
-    hit = _STREAM_CACHE[lengths] = (order, cls_rows, (~is_cls).nonzero()[:, 0])
-    return hit
-
-
-def pack_padded(t: torch.Tensor, lengths) -> torch.Tensor:
-    """The real rows of a right-padded ``(B, N, ...)`` batch back to back, ``(sum(lengths),
-    ...)``: row ``i`` contributes its first ``lengths[i]`` entries. ``lengths`` is a list of
-    ints (the collate's ``lengths``), so no host sync is needed."""
-    lengths = [int(n) for n in lengths]
-    b, n = t.shape[:2]
-    if len(lengths) != b or max(lengths, default=0) > n or min(lengths, default=0) < 0:
-        raise ValueError(f"lengths {lengths} do not fit a padded batch of shape {tuple(t.shape)}")
-    idx = torch.cat([i * n + torch.arange(m) for i, m in enumerate(lengths)] or [torch.arange(0)])
-    return t.flatten(0, 1).index_select(0, idx.to(t.device))
 
 
 def build_encoder(name: str = "tiny", **overrides) -> SlideEncoder:

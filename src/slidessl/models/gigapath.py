@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from slidessl.models.attention import dense_attention
+from slidessl.models.dilated.lse import attention_with_lse
 from slidessl.models.encoder import SlideEncoder, build_encoder
 from slidessl.models.io import load_state_strict
-from slidessl.models.lse import attention_with_lse
 from slidessl.models.posenc import check_gigapath_table, sincos_2d
 
 __all__ = [

@@ -19,8 +19,9 @@ the loss of the whole batch. Teacher centres accumulate per micro-batch and move
 Example::
 
     arch = SSLMetaArch.from_config(cfg, feature_dim=1536)
-    optimizer = torch.optim.AdamW(arch.get_params_groups(layer_decay=0.9))
-    sums, finite = arch.forward_backward(micro_batches, teacher_temp=0.04)
+    optimizer = torch.optim.AdamW(param_groups(arch.student, layer_decay=0.9))  # train.optim
+    loss, logs = arch.compute_loss(batch, teacher_temp=0.04)  # one micro-batch
+    loss.backward()  # train.step.forward_backward: every micro-batch of a step
     optimizer.step()
     arch.update_centers(); arch.update_teacher(momentum=0.996)
     save_encoder(arch.teacher["backbone"], "out/teacher")
@@ -33,6 +34,9 @@ import copy
 import torch
 from torch import nn
 
+from slidessl.dtensor import local
+from slidessl.models.encoder import build_encoder
+from slidessl.models.packing import pack_padded, segment_mean
 from slidessl.ssl.arrangement_loss import ArrangementLoss, shuffle_positions
 from slidessl.ssl.dino_loss import DINOLoss
 from slidessl.ssl.heads import DINOHead
@@ -51,11 +55,6 @@ def _head(cfg: dict, in_dim: int) -> DINOHead:
         bottleneck_dim=int(cfg["bottleneck_dim"]),
         nlayers=int(cfg["nlayers"]),
     )
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP DTensor parameter; the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _freeze_prototype_norm(head: nn.Module) -> None:
@@ -80,24 +79,12 @@ def cap_masked(mask: torch.Tensor, cap: int | None) -> torch.Tensor:
     return mask & (rank < int(cap))
 
 
-def _segment_mean(tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """``(S, E)`` mean of each of the ``S`` back-to-back runs of ``lengths`` rows of ``tokens``."""
-    reps = torch.as_tensor(lengths, device=tokens.device)
-    seq = torch.arange(len(lengths), device=tokens.device).repeat_interleave(
-        reps, output_size=tokens.shape[0]
-    )
-    sums = tokens.new_zeros(len(lengths), tokens.shape[1]).index_add(0, seq, tokens)
-    return sums / reps.clamp_min(1)[:, None].to(tokens.dtype)
-
-
 class SSLMetaArch(nn.Module):
     """``student`` / ``teacher``: ``ModuleDict(backbone, dino_head[, ibot_head])``."""
 
     def __init__(self, cfg: dict, backbone: nn.Module | None = None) -> None:
         super().__init__()
         if backbone is None:
-            from slidessl.models.encoder import build_encoder
-
             backbone = build_encoder(cfg["model"]["name"], **dict(cfg["model"]["overrides"]))
         if cfg["train"].get("grad_checkpointing") and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
@@ -173,8 +160,6 @@ class SSLMetaArch(nn.Module):
     def from_config(cls, cfg: dict, feature_dim: int) -> SSLMetaArch:
         """The meta-architecture of ``cfg``; the encoder's ``in_dim`` follows the data's
         feature dimension (a conflicting ``model.overrides.in_dim`` is an error)."""
-        from slidessl.models.encoder import build_encoder
-
         overrides = dict(cfg["model"]["overrides"])
         if "in_dim" in overrides and int(overrides["in_dim"]) != feature_dim:
             raise ValueError(
@@ -222,8 +207,6 @@ class SSLMetaArch(nn.Module):
         token stream (no padding, one GEMM per linear layer, one attention call per segment
         length); otherwise one padded call per batch. Both give the same values."""
         if self.pack_crops and all("lengths" in c for c in crops):
-            from slidessl.models.encoder import pack_padded
-
             lengths = [c["lengths"] for c in crops]
             feats = torch.cat([pack_padded(c["features"], n) for c, n in zip(crops, lengths)])
             coords = torch.cat([pack_padded(c["coords"], n) for c, n in zip(crops, lengths)])
@@ -238,7 +221,7 @@ class SSLMetaArch(nn.Module):
             flat = [n for ns in lengths for n in ns]
             cls, tokens = backbone.forward_packed(feats, coords, flat, packed_mask, center)
             if self.readout == "mean":
-                cls = _segment_mean(tokens, flat)
+                cls = segment_mean(tokens, flat)
             parts = list(cls.split([len(n) for n in lengths]))
             chosen = None if select is None else tokens[:t0][pack_padded(select, lengths[0])]
             return parts, chosen
@@ -371,57 +354,6 @@ class SSLMetaArch(nn.Module):
         target = torch.cat([t_parts[(i + 1) % n_g] for i in range(n_g)])
         return self.arrange_loss(s_cls, s_shuf, target)
 
-    def forward_backward(
-        self,
-        micro_batches: list[dict],
-        teacher_temp: float,
-        *,
-        model: nn.Module | None = None,
-        device: torch.device | str = "cpu",
-        precision: str = "fp32",
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward and backward of the micro-batches of one optimizer step (dinov2's
-        ``forward_backward``, over k micro-batches).
-
-        Each micro-batch's loss is scaled by its share of this rank's slides, so the summed
-        gradient is that of the whole local batch's mean loss; ``model`` is this arch as the
-        trainer wraps it (DDP: gradients all-reduce on the last micro-batch only). Returns
-        ``(sums, finite)``: each loss term times its micro-batch's slides, summed (detached,
-        for the slide-weighted mean over ranks), and whether every loss was finite. Centre
-        sums accumulate; nothing is updated (:meth:`update_centers`, :meth:`update_teacher`).
-        """
-        from slidessl.train.data import to_device
-        from slidessl.train.distributed import maybe_no_sync
-        from slidessl.train.step import autocast_context
-
-        model = self if model is None else model
-        device = torch.device(device)
-        sizes = [int(b["batch_size"]) for b in micro_batches]
-        local_slides = float(sum(sizes))
-        sums: dict[str, torch.Tensor] = {}
-        finite = True
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, device)
-            weight = sizes[i] / local_slides if local_slides else 0.0
-            with maybe_no_sync(model, sync=i == len(micro_batches) - 1):
-                with autocast_context(device, precision):
-                    loss, logs = model(batch, float(teacher_temp))
-                if not torch.isfinite(loss.detach()).all():
-                    finite = False
-                (loss * weight).backward()
-            for key, value in logs.items():
-                term = value.detach().float() * sizes[i]
-                sums[key] = sums[key] + term if key in sums else term
-        return sums, finite
-
-    def get_params_groups(self, layer_decay: float = 1.0) -> list[dict]:
-        """The student's AdamW parameter groups (dinov2's ``get_params_groups``): no weight
-        decay on biases, norms and tokens; layer-wise lr decay; the prototype layer marked
-        for its early freeze (:func:`slidessl.train.optim.param_groups`)."""
-        from slidessl.train.optim import param_groups
-
-        return param_groups(self.student, layer_decay)
-
     # ------------------------------------------------------------------ per optimizer step
     @torch.no_grad()
     def update_centers(self) -> None:
@@ -440,8 +372,8 @@ class SSLMetaArch(nn.Module):
                 module.reshard()
         for name in self.student:
             # under FSDP both sides are sharded alike: update the local shards
-            s_params = [_local(p.detach()) for p in self.student[name].parameters()]
-            t_params = [_local(p.detach()) for p in self.teacher[name].parameters()]
+            s_params = [local(p.detach()) for p in self.student[name].parameters()]
+            t_params = [local(p.detach()) for p in self.teacher[name].parameters()]
             if len(s_params) != len(t_params):
                 raise RuntimeError(f"student/teacher '{name}' parameter lists differ")
             torch._foreach_mul_(t_params, momentum)

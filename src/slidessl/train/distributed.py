@@ -26,7 +26,6 @@ from torch import nn
 __all__ = [
     "DistContext",
     "SlideShardSampler",
-    "all_reduce_mean",
     "init_distributed",
     "maybe_no_sync",
     "wrap_model",
@@ -152,15 +151,6 @@ class SlideShardSampler(torch.utils.data.Sampler[int]):
         return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
@@ -210,10 +200,6 @@ def wrap_model(arch: nn.Module, ctx: DistContext, cfg: dict) -> nn.Module:
         broadcast_buffers=False,
         find_unused_parameters=bool(d["find_unused_parameters"]),
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @contextlib.contextmanager

@@ -26,20 +26,12 @@ from collections import deque
 
 import torch
 
+from slidessl.dtensor import is_sharded, local
 from slidessl.train.distributed import all_reduce_sum
 
-__all__ = ["LossStall", "WeightDrift", "grad_culprits", "grad_norms", "local"]
+__all__ = ["LossStall", "WeightDrift", "grad_culprits", "grad_norms"]
 
 log = logging.getLogger(__name__)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP DTensor; the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _sharded(tensors) -> bool:
-    return any(hasattr(t, "to_local") for t in tensors)
 
 
 def _sum_sq(norms: list[torch.Tensor], sharded: bool, device) -> torch.Tensor:
@@ -60,7 +52,7 @@ def grad_norms(params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Ten
     shards = [local(g) for g in grads]
     device = shards[0].device if shards else torch.device("cpu")
     norms = list(torch._foreach_norm(shards, 2, dtype=torch.float64)) if shards else []
-    return _sum_sq(norms, _sharded(grads), device).sqrt(), norms
+    return _sum_sq(norms, is_sharded(grads), device).sqrt(), norms
 
 
 def grad_culprits(named: list[tuple[str, torch.Tensor]], norms, top: int = 3) -> str:
@@ -88,7 +80,7 @@ class WeightDrift:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = [p for p in params if p.requires_grad]
-        self.sharded = _sharded(self.params)
+        self.sharded = is_sharded(self.params)
         self.init = [local(p.detach()).clone() for p in self.params]
         self._before: list[torch.Tensor] | None = None
 

@@ -30,7 +30,7 @@ from slidessl.train.distributed import (
 from slidessl.train.health import LossStall, WeightDrift
 from slidessl.train.memory import check_memory
 from slidessl.train.monitor import CollapseMonitor, MetricsWriter, MonitorWindow, NonFiniteGuard
-from slidessl.train.optim import build_optimizer
+from slidessl.train.optim import build_optimizer, param_groups
 from slidessl.train.schedules import build_schedules
 from slidessl.train.step import optimizer_step
 from slidessl.train.summary import RunStats, export_teacher, write_summary
@@ -118,7 +118,7 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
         dump_config(cfg, out / "config.yaml")
     model = wrap_model(arch, ctx, cfg)
     # after wrapping: FSDP replaces the parameters with sharded ones
-    optimizer = build_optimizer(arch.get_params_groups(cfg["optim"]["layer_decay"]), cfg)
+    optimizer = build_optimizer(param_groups(arch.student, cfg["optim"]["layer_decay"]), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need no scaling
     m = cfg["monitor"]
     monitor = CollapseMonitor(m["usage_min_frac"], m["kl_center_min"], m["cls_std_min_frac"])

@@ -13,7 +13,6 @@ Every group carries ``lr_mult`` and ``wd_mult``; :func:`apply_schedules` sets th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -94,7 +93,7 @@ def param_groups(
 
 
 def build_optimizer(groups: list[dict], cfg: dict) -> torch.optim.AdamW:
-    """AdamW over parameter ``groups`` (``SSLMetaArch.get_params_groups``); lr and weight
+    """AdamW over parameter ``groups`` (:func:`param_groups` of the student); lr and weight
     decay are set per step by the trainer."""
     o = cfg["optim"]
     return torch.optim.AdamW(
@@ -119,8 +118,3 @@ def drop_frozen_grads(optimizer: torch.optim.Optimizer) -> None:
         if group.get("is_last_layer", False):
             for p in group["params"]:
                 p.grad = None
-
-
-def iter_params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
-    for group in optimizer.param_groups:
-        yield from group["params"]

@@ -1,5 +1,10 @@
 """One optimizer step over k micro-batches, exactly equivalent to one k-times batch.
 
+The step's path: :func:`optimizer_step` → :func:`forward_backward` (the micro-batch loop:
+device transfer, DDP ``no_sync``, autocast, backward) → the wrapped arch's forward →
+``SSLMetaArch.compute_loss`` (``slidessl.ssl``: the loss of one micro-batch) → then one
+optimizer step, ``update_centers`` and ``update_teacher``.
+
 Each micro-batch's loss is scaled by its share of the slides in the step, so the summed
 gradient equals the gradient of the big batch's mean loss; gradients are all-reduced only on
 the last micro-step (DDP ``no_sync``); the teacher centres, the schedules and the EMA update
@@ -16,11 +21,13 @@ import math
 import torch
 from torch import nn
 
-from slidessl.train.distributed import all_reduce_sum
-from slidessl.train.health import grad_culprits, grad_norms, local
+from slidessl.dtensor import local
+from slidessl.train.data import to_device
+from slidessl.train.distributed import all_reduce_sum, maybe_no_sync
+from slidessl.train.health import grad_culprits, grad_norms
 from slidessl.train.optim import apply_schedules, drop_frozen_grads
 
-__all__ = ["autocast_context", "optimizer_step"]
+__all__ = ["autocast_context", "forward_backward", "optimizer_step"]
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -28,6 +35,46 @@ def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def forward_backward(
+    arch: nn.Module,
+    micro_batches: list[dict],
+    teacher_temp: float,
+    *,
+    model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Forward and backward of the micro-batches of one optimizer step of ``arch``
+    (an ``SSLMetaArch``; dinov2's ``forward_backward``, over k micro-batches).
+
+    Each micro-batch's loss is scaled by its share of this rank's slides, so the summed
+    gradient is that of the whole local batch's mean loss; ``model`` is this arch as the
+    trainer wraps it (DDP: gradients all-reduce on the last micro-batch only). Returns
+    ``(sums, finite)``: each loss term times its micro-batch's slides, summed (detached,
+    for the slide-weighted mean over ranks), and whether every loss was finite. Centre
+    sums accumulate; nothing is updated (``arch.update_centers``, ``arch.update_teacher``).
+    """
+    model = arch if model is None else model
+    device = torch.device(device)
+    sizes = [int(b["batch_size"]) for b in micro_batches]
+    local_slides = float(sum(sizes))
+    sums: dict[str, torch.Tensor] = {}
+    finite = True
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        weight = sizes[i] / local_slides if local_slides else 0.0
+        with maybe_no_sync(model, sync=i == len(micro_batches) - 1):
+            with autocast_context(device, precision):
+                loss, logs = model(batch, float(teacher_temp))
+            if not torch.isfinite(loss.detach()).all():
+                finite = False
+            (loss * weight).backward()
+        for key, value in logs.items():
+            term = value.detach().float() * sizes[i]
+            sums[key] = sums[key] + term if key in sums else term
+    return sums, finite
 
 
 def _clip(params, norm: float, max_norm: float | None) -> None:
@@ -51,7 +98,7 @@ def optimizer_step(
     clip_grad: float | None = None,
     drift=None,
 ) -> dict[str, float]:
-    """``arch.forward_backward`` on every micro-batch, then one optimizer + centre + EMA
+    """:func:`forward_backward` over the micro-batches, then one optimizer + centre + EMA
     update - unless a loss on any rank or any gradient is non-finite: then nothing is
     applied (gradients, centre sums and the EMA update are dropped).
 
@@ -68,8 +115,8 @@ def optimizer_step(
     world_slides = all_reduce_sum(torch.tensor([local_slides], device=device))
     # Each rank's share: with DDP averaging over ranks, scale so the global sum is the mean.
     world = max(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, 1)
-    sums, finite = arch.forward_backward(
-        micro_batches, sched["teacher_temp"], model=model, device=device, precision=precision
+    sums, finite = forward_backward(
+        arch, micro_batches, sched["teacher_temp"], model=model, device=device, precision=precision
     )
     if sched["last_layer_frozen"]:
         drop_frozen_grads(optimizer)

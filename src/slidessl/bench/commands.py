@@ -1,4 +1,5 @@
-"""``slidessl bench attention`` and ``slidessl bench encoder``."""
+"""``slidessl bench attention`` and ``slidessl bench encoder``: the command-line side of the
+benchmark package (its registration in the ``slidessl`` command)."""
 
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def _device_dtype(args):
 
 
 def _attention(args) -> int:
-    from slidessl.bench import bench_attention
+    from slidessl.bench.attention import bench_attention
 
     device, dtype = _device_dtype(args)
     _default(args, "n", "attention_n", device)
@@ -183,8 +184,8 @@ def _attention(args) -> int:
 
 
 def _encoder(args) -> int:
-    from slidessl.bench import bench_encoder
-    from slidessl.models.lse import set_lse_grad
+    from slidessl.bench.encoder import bench_encoder
+    from slidessl.models.dilated.kernels import set_lse_grad
 
     set_lse_grad(args.lse_grad)
     device, dtype = _device_dtype(args)

@@ -1,132 +1,25 @@
-"""Benchmarks behind ``slidessl bench attention`` and ``slidessl bench encoder``.
-
-Every number is a ratio measured in the same run: dilated vs dense time, and achieved
-FLOP/s as a fraction of a square-matmul peak measured first on the same device and dtype.
-"""
+"""``slidessl bench encoder``: forward+backward throughput of an encoder preset, model FLOP
+utilisation against the measured matmul peak, peak memory, gradient checkpointing."""
 
 from __future__ import annotations
 
-import functools
 import math
-import resource
-import time
 
 import torch
 
-from slidessl.models.attention import attention_flops, dense_attention, dilated_attention
-from slidessl.models.encoder import (
-    DEFAULT_DILATIONS,
-    DEFAULT_SEGMENTS,
-    GIGAPATH_DILATIONS,
-    GIGAPATH_SEGMENTS,
-    build_encoder,
+from slidessl.bench.harness import (
+    DTYPES,
+    device_name,
+    matmul_peak,
+    peak_mem,
+    reset_mem,
+    timeit,
 )
-from slidessl.models.lse import lse_grad_mode
+from slidessl.models.dilated.kernels import lse_grad_mode
+from slidessl.models.dilated.plan import attention_flops
+from slidessl.models.encoder import build_encoder
 
-__all__ = ["matmul_peak", "bench_attention", "bench_encoder", "encoder_flops", "encoder_step"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timeit(fn, device, repeats, warmup=True):
-    """Best wall time of ``repeats`` runs after one warm-up."""
-    if warmup:
-        fn()
-        _sync(device)
-    best = math.inf
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_peak(device, dtype, size=None, repeats=3) -> float:
-    """Measured FLOP/s of a square matmul (the 'peak' every ratio refers to)."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sec = _timeit(lambda: a @ b, device, repeats)
-    return 2.0 * size**3 / sec
-
-
-def bench_attention(
-    ns, dim=768, heads=16, dtype="float32", device="cpu", repeats=2, dense_limit_s=60.0, out=print
-) -> list[dict]:
-    """Time dense SDPA and dilated attention (GigaPath and default branches) per length."""
-    device = torch.device(device)
-    dt = _DTYPES[dtype]
-    peak = matmul_peak(device, dt)
-    out(
-        f"device {_device_name(device)}, dtype {dtype}, dim {dim}, heads {heads}, "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured)"
-    )
-    configs = {
-        "gigapath": (GIGAPATH_SEGMENTS, GIGAPATH_DILATIONS),
-        "default": (DEFAULT_SEGMENTS, DEFAULT_DILATIONS),
-    }
-    rows, dense_est = [], None
-    header = (
-        f"{'N':>7} {'dense ms':>10} {'gp ms':>9} {'ours ms':>9} {'dense/gp':>9} "
-        f"{'dense/ours':>10} {'dense %pk':>9} {'gp %pk':>7} {'ours %pk':>8}"
-    )
-    out(header)
-    for n in ns:
-        q, k, v = (
-            torch.randn(1, n, heads, dim // heads, device=device, dtype=dt) for _ in range(3)
-        )
-        row = {"n": n}
-        with torch.no_grad():
-            if dense_est is None or dense_est(n) <= dense_limit_s:
-                row["dense_s"] = _timeit(
-                    functools.partial(dense_attention, q, k, v), device, repeats
-                )
-                t_ref, n_ref = row["dense_s"], n
-                dense_est = lambda m, t=t_ref, r=n_ref: t * (m / r) ** 2  # noqa: E731
-            else:
-                row["dense_s"] = None
-                row["dense_skipped_est_s"] = dense_est(n)
-            for name, (segs, dils) in configs.items():
-                fn = functools.partial(dilated_attention, q, k, v, segs, dils)
-                row[f"{name}_s"] = _timeit(fn, device, repeats)
-        row["dense_frac"] = _frac(attention_flops(n, dim), row["dense_s"], peak)
-        for name, (segs, dils) in configs.items():
-            row[f"{name}_frac"] = _frac(attention_flops(n, dim, segs, dils), row[f"{name}_s"], peak)
-        rows.append(row)
-        out(_attention_line(row))
-    skipped = [r["n"] for r in rows if r["dense_s"] is None]
-    if skipped:
-        out(
-            f"dense skipped for N={skipped}: estimated (N^2 from the last measured length) "
-            f"above --dense-limit {dense_limit_s:.0f}s; ratios there use that estimate"
-        )
-    return rows
-
-
-def _frac(flops, sec, peak):
-    return None if sec is None else flops / sec / peak
-
-
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
-
-def _attention_line(r):
-    dense = r["dense_s"] if r["dense_s"] is not None else r.get("dense_skipped_est_s")
-    mark = "" if r["dense_s"] is not None else "~"
-    return (
-        f"{r['n']:>7} {mark + _fmt(1e3 * dense, '.1f'):>10} {1e3 * r['gigapath_s']:>9.1f} "
-        f"{1e3 * r['default_s']:>9.1f} {mark + _fmt(dense / r['gigapath_s'], '.2f'):>9} "
-        f"{mark + _fmt(dense / r['default_s'], '.2f'):>10} "
-        f"{_fmt(r['dense_frac'] and 100 * r['dense_frac'], '.0f'):>9} "
-        f"{100 * r['gigapath_frac']:>7.0f} {100 * r['default_frac']:>8.0f}"
-    )
+__all__ = ["bench_encoder", "encoder_flops", "encoder_step", "packed_step_lengths"]
 
 
 def encoder_flops(encoder, n) -> float:
@@ -140,18 +33,6 @@ def encoder_flops(encoder, n) -> float:
     else:
         attn = depth * attention_flops(tokens, e, cfg["segments"], cfg["dilations"])
     return 3.0 * (linear + attn)
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _peak_mem(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def encoder_step(encoder, n, device, dt, grid_side, batch=1, cache=True):
@@ -227,7 +108,7 @@ def _row(encoder, n, batch, mode, sec, peak, device):
         "sec": sec,
         "tokens_per_s": batch * n / sec,
         "mfu": flops / sec / peak,
-        "peak_mem": _peak_mem(device),
+        "peak_mem": peak_mem(device),
     }
 
 
@@ -243,12 +124,12 @@ def _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out):
     rows = []
     for n in ns:
         for b in batch_sizes:
-            _reset_mem(device)
+            reset_mem(device)
             graph = None
             try:
                 step = encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b, cache=False)
                 graph = _graphed(step, device)
-                sec = _timeit(graph.replay, device, repeats)
+                sec = timeit(graph.replay, device, repeats)
             except Exception as exc:  # any capture / replay failure is reported, not fatal
                 msg = str(exc).strip().splitlines()
                 out(
@@ -261,7 +142,7 @@ def _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out):
                 out(_row_line(rows[-1]))
             del graph
             encoder.zero_grad(set_to_none=True)
-            _reset_mem(device)
+            reset_mem(device)
     return rows
 
 
@@ -293,14 +174,14 @@ def bench_encoder(
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
     device = torch.device(device)
-    dt = _DTYPES[dtype]
+    dt = DTYPES[dtype]
     peak = matmul_peak(device, dt)
     encoder = build_encoder(preset, exact_grad=exact_grad).to(device).train()
     for blk in encoder.blocks:  # deterministic timing: no stochastic depth, no dropout
         blk.drop_path.p = 0.0
     grads = f"exact ({lse_grad_mode(device)})" if exact_grad else "inexact"
     out(
-        f"device {_device_name(device)}, dtype {dtype}, preset {preset}, "
+        f"device {device_name(device)}, dtype {dtype}, preset {preset}, "
         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
         f"LSE gradients {grads}, matmul peak {peak / 1e12:.2f} TFLOP/s (measured)"
     )
@@ -313,14 +194,14 @@ def bench_encoder(
     for n in ns:
         for b in batch_sizes:
             encoder.set_grad_checkpointing(False)
-            _reset_mem(device)
+            reset_mem(device)
             step = encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1, b)
             try:
-                sec = _timeit(step, device, repeats, warmup)
+                sec = timeit(step, device, repeats, warmup)
             except torch.OutOfMemoryError:
                 encoder.zero_grad(set_to_none=True)
                 del step
-                _reset_mem(device)
+                reset_mem(device)
                 rows.append({"n": n, "batch": b, "mode": "eager", "sec": None})
                 out(f"{n:>7} {b:>5} {'eager':>6} out of memory")
                 continue
@@ -329,13 +210,13 @@ def bench_encoder(
             del step
     if packed_step:
         for n in ns:
-            _reset_mem(device)
+            reset_mem(device)
             lengths = packed_step_lengths(n)
             try:
-                sec = _timeit(packed_encoder_step(encoder, n, device, dt), device, repeats, warmup)
+                sec = timeit(packed_encoder_step(encoder, n, device, dt), device, repeats, warmup)
             except torch.OutOfMemoryError:
                 encoder.zero_grad(set_to_none=True)
-                _reset_mem(device)
+                reset_mem(device)
                 rows.append({"n": n, "batch": len(lengths), "mode": "packed", "sec": None})
                 out(f"{n:>7} {len(lengths):>5} {'packed':>6} out of memory")
                 continue
@@ -348,7 +229,7 @@ def bench_encoder(
                     "sec": sec,
                     "tokens_per_s": sum(lengths) / sec,
                     "mfu": flops / sec / peak,
-                    "peak_mem": _peak_mem(device),
+                    "peak_mem": peak_mem(device),
                 }
             )
             out(_row_line(rows[-1]))
@@ -362,18 +243,18 @@ def bench_encoder(
     ):  # one untimed checkpointed step so that one-off start-up is not in row one
         encoder_step(encoder, min(mem_ns), device, dt, int(math.sqrt(min(mem_ns))) + 1)()
     for n in mem_ns:
-        _reset_mem(device)
+        reset_mem(device)
         try:
-            sec = _timeit(
+            sec = timeit(
                 encoder_step(encoder, n, device, dt, int(math.sqrt(n)) + 1), device, 1, False
             )
         except torch.OutOfMemoryError:
             encoder.zero_grad(set_to_none=True)
-            _reset_mem(device)
+            reset_mem(device)
             mem_rows.append({"n": n, "sec": None, "peak_mem": None, "mfu": None})
             out(f"{n:>7} out of memory")
             continue
-        mem = _peak_mem(device)
+        mem = peak_mem(device)
         mem_rows.append(
             {"n": n, "sec": sec, "peak_mem": mem, "mfu": encoder_flops(encoder, n) / sec / peak}
         )
@@ -393,9 +274,3 @@ def bench_encoder(
             out(header)
             rows += _graph_rows(encoder, ns, batch_sizes, device, dt, peak, repeats, out)
     return rows, mem_rows
-
-
-def _reset_mem(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
