@@ -121,17 +121,8 @@ def register_demo(sub, fmt) -> None:
 def cmd_diagnose(args) -> int:
     from slidessl.eval.diagnose import format_diagnose, run_diagnose
 
-    result = run_diagnose(
-        args.encoder,
-        args.manifest,
-        args.task,
-        args.out,
-        pooling=args.pooling,
-        max_tiles=args.max_tiles,
-        k=args.k,
-        seed=args.seed,
-        folds=args.folds,
-    )
+    opts = {k: getattr(args, k) for k in ("pooling", "max_tiles", "k", "seed", "folds")}
+    result = run_diagnose(args.encoder, args.manifest, args.task, args.out, **opts)
     print(format_diagnose(result))
     print(f"written: {Path(args.out) / 'diagnose.json'}")
     return 0

@@ -46,12 +46,18 @@ def plot_curves(pred_files: dict[str, Path], fig_dir: Path) -> list[str]:
         ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{task}: ROC")
         ax_pr.set(xlabel="recall", ylabel="precision", title=f"{task}: PR (pooled out-of-fold)")
         ax_roc.legend(fontsize=8)
-        fig.tight_layout()
-        path = fig_dir / f"curves_{task}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(save_figure(fig, fig_dir / f"curves_{task}.png", dpi=80))
     return written
+
+
+def save_figure(fig, path: Path, dpi: int = 80) -> str:
+    """Lay out, write and close ``fig``; returns the path as a string."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
 
 
 def _column(rows: list[dict], name: str) -> np.ndarray:
@@ -124,12 +130,8 @@ def plot_training(csv_path: Path, fig_dir: Path, name: str = "") -> str | None:
             ax.legend(fontsize=8)
     if name:
         fig.suptitle(f"pretraining: {name}")
-    fig.tight_layout()
     stem = "training_curves" + (f"_{name}" if name else "")
-    path = fig_dir / f"{stem}.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, fig_dir / f"{stem}.png", dpi=80)
 
 
 def slide_maps(run_dir: Path, fig_dir: Path) -> list[dict]:

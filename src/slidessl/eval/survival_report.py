@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slidessl.eval.figures import save_figure
 from slidessl.eval.survival import kaplan_meier, median_split, per_patient
 from slidessl.eval.tables import cell, num
 
@@ -156,9 +157,5 @@ def plot_km(pred_files: dict[str, Path], fig_dir: Path, order=None) -> list[str]
             f"{task}: Kaplan-Meier per patient, pooled out-of-fold risk split at its median",
             fontsize=10,
         )
-        fig.tight_layout()
-        path = fig_dir / f"km_{task}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(save_figure(fig, fig_dir / f"km_{task}.png", dpi=90))
     return written
