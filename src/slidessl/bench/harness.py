@@ -1,5 +1,6 @@
-"""The benchmark harness: best-of-``repeats`` wall time, the measured matmul peak every
-ratio refers to, peak memory, and the table formatting the benchmarks share.
+"""The benchmark harness: mean wall time of ``repeats`` calls (``torch.utils.benchmark``),
+the measured matmul peak every ratio refers to, peak memory, and the table formatting the
+benchmarks share.
 
 Every number a benchmark prints is a ratio measured in the same run: dilated vs dense time,
 and achieved FLOP/s as a fraction of a square-matmul peak measured first on the same device
@@ -8,11 +9,11 @@ and dtype.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 
 import torch
+from torch.utils import benchmark
 
 __all__ = [
     "DTYPES",
@@ -35,17 +36,22 @@ def sync(device):
 
 
 def timeit(fn, device, repeats, warmup=True):
-    """Best wall time of ``repeats`` runs after one warm-up."""
+    """Mean wall time of ``repeats`` calls of ``fn``, measured by
+    ``torch.utils.benchmark.Timer`` (which synchronises the accelerator and makes two
+    warm-up calls first, with the current intra-op thread count). ``warmup=False``
+    (``slidessl bench encoder --no-warmup``, for slow CPUs) times the first calls instead,
+    synchronising the same way."""
+    repeats = max(1, int(repeats))
     if warmup:
+        timer = benchmark.Timer(
+            stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+        )
+        return timer.timeit(number=repeats).mean
+    t0 = time.perf_counter()
+    for _ in range(repeats):
         fn()
-        sync(device)
-    best = math.inf
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
 
 
 def matmul_peak(device, dtype, size=None, repeats=3) -> float:
