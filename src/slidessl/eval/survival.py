@@ -55,18 +55,21 @@ def harrell_cindex(time, event, risk) -> np.ndarray | float:
     ti, tj = t[:, :, None], t[:, None, :]
     comparable = e[:, :, None] & ((ti < tj) | ((ti == tj) & ~e[:, None, :]))
     ri, rj = r[:, :, None], r[:, None, :]
-    score = np.where(ri > rj, 1.0, np.where(ri == rj, 0.5, 0.0))
     n_pairs = comparable.sum(axis=(1, 2))
+    wins = (comparable & (ri > rj)).sum(axis=(1, 2))
+    ties = (comparable & (ri == rj)).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
-        c = (score * comparable).sum(axis=(1, 2)) / n_pairs
+        c = (wins + 0.5 * ties) / n_pairs
     c = np.where(n_pairs > 0, c, np.nan)
     return float(c[0]) if one else c
 
 
-def bootstrap_cindex(time, event, risk, n_boot=1000, seed=0, level=0.95, chunk=64):
-    """Percentile bootstrap CI of Harrell's C, resampling patients; ``([lo, hi], n_valid)``."""
+def bootstrap_cindex(time, event, risk, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap CI of Harrell's C, resampling patients; ``([lo, hi], n_valid)``.
+    Resamples are scored in blocks of about 2e7 pairs (boolean arrays: ~60 MB at a time)."""
     t, e, r = (np.asarray(a) for a in (time, event, risk))
     n = len(t)
+    chunk = max(1, int(2e7 // max(n * n, 1)))
     rng = np.random.default_rng([seed, 11])
     values = []
     for start in range(0, n_boot, chunk):
