@@ -191,6 +191,23 @@ def _case_embed_options(ctx):
     return [*argv, "--pooling", "cls"]
 
 
+def _case_survival(ctx, edit):
+    rows = _rows(ctx.cohort)
+    edit(rows)
+    manifest = _write(ctx.tmp / "m.csv", rows)
+    task = "os=surv:os_months:os_event"
+    return ["probe", ctx.embeddings, manifest, "--task", task, "--out", ctx.tmp / "p"]
+
+
+def _negative_time(rows):
+    rows[0]["os_months"] = "-3"
+
+
+def _two_follow_ups(rows):
+    rows[1]["patient_id"] = rows[0]["patient_id"]
+    rows[1]["os_months"] = str(float(rows[0]["os_months"]) + 1)
+
+
 def _probe(ctx, task, *extra):
     return ["probe", ctx.embeddings, ctx.cohort, "--task", task, "--out", ctx.tmp / "p", *extra]
 
@@ -342,6 +359,19 @@ CASES = {
     "retrieve column": (
         ["no label column 'nosuch'"],
         lambda ctx: ["retrieve", ctx.embeddings, ctx.cohort, "--label", "nosuch", "--out", ctx.tmp],
+        2,
+    ),
+    "survival time": (
+        [
+            "task 'os': row 2 (slide 'syn-p0000-s0'): time os_months='-3' must be a finite number "
+            ">= 0"
+        ],
+        lambda ctx: _case_survival(ctx, _negative_time),
+        2,
+    ),  # fmt: skip
+    "survival per patient": (
+        ["task 'os': patient 'syn-p0000' has slides with different survival"],
+        lambda ctx: _case_survival(ctx, _two_follow_ups),
         2,
     ),
     "folds": (

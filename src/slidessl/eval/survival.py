@@ -20,11 +20,14 @@ is the mean of its slides' out-of-fold risks (their slides share time and event,
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 UNO_TAU_QUANTILE = 0.8
+# scikit-survival imports numexpr, which logs its thread count at INFO on import: not news
+logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
 
 
 def per_patient(patient_ids, y: np.ndarray, risk: np.ndarray):
