@@ -260,3 +260,27 @@ def test_forward_packed_rejects_bad_shapes():
         )
     with pytest.raises(ValueError, match="do not fit"):
         pack_padded(torch.zeros(2, 3), [4, 1])
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": "dense", "local_kernel": 3, "local_depth": 1}])
+def test_last_block_attention_is_the_dense_cls_softmax_and_ignores_padding(rng, kw):
+    enc = _tiny(**kw).double().eval()
+    x, c = _inputs(2, 30, 24)
+    x = x.double()
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 18:] = True
+    attn, tokens = enc.last_block_attention(x, c, mask)
+    assert attn.shape == (2, 30) and tokens.shape == (2, 30, 64)
+    _, states = enc.forward_intermediates(x, c, mask, include_input=True)
+    blk = enc.blocks[-1]
+    hn = blk.self_attn_layer_norm(states[-2])
+    q = blk.self_attn.q_proj(hn[:, :1]).view(2, 1, 4, 16)
+    k = blk.self_attn.k_proj(hn[:, 1:]).view(2, 30, 4, 16)
+    logits = (q * k).sum(-1).transpose(1, 2) / 4.0  # (B, H, N)
+    want = torch.softmax(logits.masked_fill(mask[:, None], float("-inf")), -1).mean(1)
+    torch.testing.assert_close(attn, want.float())
+    assert torch.all(attn[1, 18:] == 0)
+    alone, alone_tokens = enc.last_block_attention(x[1:, :18], c[1:, :18])
+    torch.testing.assert_close(attn[1:, :18], alone)
+    torch.testing.assert_close(tokens[1:, :18], alone_tokens)
+    torch.testing.assert_close(tokens, enc.forward_tokens(x, c, mask)[1])

@@ -58,11 +58,24 @@ def test_free_form_sections_accept_new_keys():
         ("crops.n_lokal=3", "unknown config key 'crops.n_lokal'"),
         ("optim.betas=0.9", "optim.betas"),
         ("crops.n_global=0", "n_global"),
+        # the encoder options are typed by EncoderConfig
+        ("model.overrides.depht=2", "unknown config key 'model.overrides.depht'"),
+        ("model.overrides.depth=abc", r"model.overrides.depth.*Integer"),
+        ("model.overrides.attention=sparse", r"model.overrides.attention.*dilated, dense"),
+        ("model.overrides.segments=abc", "model.overrides.segments"),
+        ("model.name=huge", "model.name must be one of"),
     ],
 )
 def test_bad_values_are_clear_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("demo", [override])
+
+
+def test_model_overrides_hold_the_set_options_as_plain_values():
+    cfg = load_config("dino+cpu", ["model.overrides.segments=[64,128]"])
+    over = cfg["model"]["overrides"]
+    assert over["attention"] == "dense" and type(over["attention"]) is str
+    assert over["segments"] == [64, 128] and "depth" not in over and None not in over.values()
 
 
 def test_missing_file_lists_shipped_recipes(tmp_path):

@@ -2,9 +2,8 @@
 
 Two maps per slide:
 
-- **CLS attention** of the last block. The models layer exposes no attention hook, so it is
-  recomputed here from the last block's weights: the block input (the previous block's
-  output, from ``forward_intermediates``) goes through the block's
+- **CLS attention** of the last block, from the encoder's hook
+  ``SlideEncoder.last_block_attention``: the last block's input goes through its
   ``self_attn_layer_norm``, ``q_proj`` (CLS row) and ``k_proj`` (tile rows); the map is
   ``softmax(q_cls . k_tile / sqrt(d_head))`` over real tiles, averaged over heads. This is
   the *dense* CLS-to-tile attention: it ignores LongNet's segment / dilation sparsity (under
@@ -27,21 +26,8 @@ import torch
 def cls_attention(encoder, x: torch.Tensor, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(attention (N,), tokens (N, E))`` for one slide: x (N, D), grid (N, 2)."""
     encoder.eval()
-    if not encoder.blocks:
-        raise ValueError("encoder has no blocks: no attention to map")
-    final, states = encoder.forward_intermediates(x[None], grid[None], include_input=True)
-    h_in = states[-2]  # the last block's input
-    tokens = (final if encoder.config["pool"] == "cls" else encoder.norm(final))[0, 1:]
-    blk = encoder.blocks[-1]
-    attn_mod = blk.self_attn
-    hn = blk.self_attn_layer_norm(h_in)
-    heads = attn_mod.num_heads
-    e = hn.shape[-1]
-    q = attn_mod.q_proj(hn[:, :1]).view(1, 1, heads, e // heads)
-    k = attn_mod.k_proj(hn[:, 1:]).view(1, -1, heads, e // heads)
-    logits = torch.einsum("bqhd,bnhd->bhn", q, k) / math.sqrt(e // heads)
-    attn = torch.softmax(logits.float(), dim=-1).mean(dim=1)[0]
-    return attn.numpy(), tokens.float().numpy()
+    attn, tokens = encoder.last_block_attention(x[None], grid[None])
+    return attn[0].numpy(), tokens[0].float().numpy()
 
 
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ Names resolve lazily, so that ``slidessl --help`` does not import torch.
 import importlib
 
 _EXPORTS = {
+    "EncoderConfig": "slidessl.models.presets",
     "PRESETS": "slidessl.models.presets",
     "SlideEncoder": "slidessl.models.encoder",
     "build_encoder": "slidessl.models.encoder",

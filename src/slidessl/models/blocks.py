@@ -9,6 +9,8 @@ before the attention output projection and before ``fc2``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from slidessl.models.alibi import alibi_attention, alibi_slopes
 from slidessl.models.attention import dense_attention, dilated_attention_qkv
 from slidessl.models.local_attention import NeighbourhoodAttention
+from slidessl.models.presets import Attention, EncoderConfig, PosBias
 
 __all__ = ["DropPath", "SelfAttention", "FeedForward", "Block"]
 
@@ -140,39 +143,35 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``; ``local_kernel=k``
-    makes the attention grid-neighbourhood attention (`NeighbourhoodAttention`)."""
+    """Pre-norm block ``layer`` (0-based) of an encoder of config ``cfg``: ``x + attn(LN(x))``,
+    then ``x + ffn(LN(x))``. The first ``cfg.local_depth`` blocks attend to grid
+    neighbourhoods (`NeighbourhoodAttention`), the others globally (`SelfAttention`: dense,
+    dilated, or with 2-D ALiBi); ``drop_path`` is this block's stochastic-depth rate."""
 
-    def __init__(
-        self,
-        dim,
-        num_heads,
-        mlp_dim,
-        segments=None,
-        dilations=None,
-        subln=True,
-        eps=1e-5,
-        drop_path=0.0,
-        dropout=0.0,
-        exact_grad=True,
-        local_kernel=0,
-        alibi=False,
-        cls_pos=False,
-    ):
+    def __init__(self, cfg: EncoderConfig, layer: int = 0, drop_path: float = 0.0):
         super().__init__()
+        dim, heads, eps = cfg.embed_dim, cfg.num_heads, cfg.block_eps
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.local = bool(local_kernel)
+        self.local = layer < cfg.local_depth
         if self.local:
             self.self_attn = NeighbourhoodAttention(
-                dim, num_heads, local_kernel, subln, eps, cls_pos
+                dim, heads, cfg.local_kernel, cfg.subln, eps, cfg.cls_pos
             )
         else:
+            dilated = cfg.attention == Attention.dilated
             self.self_attn = SelfAttention(
-                dim, num_heads, segments, dilations, subln, eps, exact_grad, alibi
+                dim,
+                heads,
+                cfg.segments if dilated else None,
+                cfg.dilations if dilated else None,
+                cfg.subln,
+                eps,
+                cfg.exact_grad,
+                cfg.pos_bias == PosBias.alibi2d,
             )
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.ffn = FeedForward(dim, mlp_dim, subln, eps, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.ffn = FeedForward(dim, cfg.mlp_dim, cfg.subln, eps, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(
@@ -192,6 +191,21 @@ class Block(nn.Module):
         x = x + self.drop_path(y, lengths)
         x = x + self.drop_path(self.ffn(self.final_layer_norm(x)), lengths)
         return x
+
+    def cls_attention(self, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        """``(B, N)`` float32: the dense softmax attention of the CLS query over the tile keys
+        for this block's input ``x`` (B, 1+N, E) (CLS first), averaged over heads; padded
+        tiles (``padding_mask`` (B, N) True) get none. Dense whatever the block's attention:
+        LongNet's segment / dilation sparsity and the CLS's weight on itself are left out."""
+        hn = self.self_attn_layer_norm(x)
+        b, _, e = hn.shape
+        heads = self.self_attn.num_heads
+        q = self.self_attn.q_proj(hn[:, :1]).view(b, 1, heads, e // heads)
+        k = self.self_attn.k_proj(hn[:, 1:]).view(b, -1, heads, e // heads)
+        logits = torch.einsum("bqhd,bnhd->bhn", q, k) / math.sqrt(e // heads)
+        if padding_mask is not None:
+            logits = logits.masked_fill(padding_mask[:, None, :], float("-inf"))
+        return torch.softmax(logits.float(), dim=-1).mean(dim=1)
 
     def forward_split(self, tiles, cls, neighbours, members, valid, coords=None):
         """A local block on the tile tokens ``(M, E)`` of one input and ``R`` CLS tokens

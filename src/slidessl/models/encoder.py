@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -31,7 +30,7 @@ from slidessl.models.blocks import Block
 from slidessl.models.gridconv import GridContext, grid_neighbours
 from slidessl.models.packing import segment_mean, stream_index
 from slidessl.models.posenc import sincos_2d
-from slidessl.models.presets import PRESETS, encoder_config
+from slidessl.models.presets import PRESETS, EncoderConfig, Pool, PosBias
 
 __all__ = [
     "READOUTS",
@@ -39,57 +38,53 @@ __all__ = [
     "build_encoder",
     "readout",
     "PRESETS",
+    "EncoderConfig",
 ]
 
 
 class SlideEncoder(nn.Module):
-    """Slide encoder; ``SlideEncoder(**encoder.config)`` rebuilds the same architecture."""
+    """Slide encoder built from an :class:`EncoderConfig` (or its options as keywords, or a
+    config with some options changed); ``SlideEncoder(**encoder.config)`` rebuilds the same
+    architecture. ``cfg`` is the typed config, ``config`` its plain dict (what is exported)."""
 
-    def __init__(self, **config):
+    def __init__(self, cfg: EncoderConfig | None = None, **options):
         super().__init__()
-        cfg = encoder_config(config)
-        self.config = cfg
-        self.in_dim, self.embed_dim, self.depth = cfg["in_dim"], cfg["embed_dim"], cfg["depth"]
-        self.grad_checkpointing = bool(cfg["grad_checkpointing"])
+        if cfg is None:
+            cfg = EncoderConfig.from_dict(options)
+        elif options:
+            cfg = cfg.replace(**options)
+        self.cfg = cfg
+        self.in_dim, self.embed_dim, self.depth = cfg.in_dim, cfg.embed_dim, cfg.depth
+        self.grad_checkpointing = cfg.grad_checkpointing
         e = self.embed_dim
         self.patch_embed = nn.Linear(self.in_dim, e)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, e))
-        k = int(cfg["grid_context"])
-        self.grid_context = GridContext(e, k) if k else None
-        lk, ld = int(cfg["local_kernel"]), int(cfg["local_depth"])
-        if (lk > 0) != (ld > 0) or ld > self.depth or (lk and (lk < 3 or lk % 2 == 0)):
-            raise ValueError(
-                f"local attention needs an odd local_kernel >= 3 and 1 <= local_depth <= depth "
-                f"({self.depth}), or both 0; got local_kernel={lk}, local_depth={ld}"
-            )
-        self.local_kernel = lk
-        dilated = cfg["attention"] == "dilated"
-        dpr = np.linspace(0.0, cfg["drop_path_rate"], self.depth) if self.depth else []
-        self.blocks = nn.ModuleList(
-            Block(
-                e,
-                cfg["num_heads"],
-                cfg["mlp_dim"],
-                cfg["segments"] if dilated else None,
-                cfg["dilations"] if dilated else None,
-                cfg["subln"],
-                cfg["block_eps"],
-                float(dpr[i]),
-                cfg["dropout"],
-                cfg["exact_grad"],
-                lk if i < ld else 0,
-                cfg["pos_bias"] == "alibi2d" and i >= ld,
-                bool(cfg["cls_pos"]) and i < ld,
-            )
-            for i in range(self.depth)
-        )
-        self.encoder_norm = nn.LayerNorm(e, eps=cfg["block_eps"]) if cfg["encoder_norm"] else None
-        self.norm = nn.LayerNorm(e, eps=cfg["norm_eps"])
+        self.grid_context = GridContext(e, cfg.grid_context) if cfg.grid_context else None
+        self.local_kernel = cfg.local_kernel
+        dpr = np.linspace(0.0, cfg.drop_path_rate, self.depth) if self.depth else []
+        self.blocks = nn.ModuleList(Block(cfg, i, float(dpr[i])) for i in range(self.depth))
+        self.encoder_norm = nn.LayerNorm(e, eps=cfg.block_eps) if cfg.encoder_norm else None
+        self.norm = nn.LayerNorm(e, eps=cfg.norm_eps)
         self.reset_parameters()
 
+    @property
+    def config(self) -> dict:
+        """The options as plain values (``EncoderConfig.to_dict``): the exported config."""
+        return self.cfg.to_dict()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Xavier-uniform weights and zero biases for a linear, ones and zeros for a norm."""
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
     def reset_parameters(self):
-        """Xavier-uniform linears, zero biases, N(0, 0.02) CLS and mask token; MAGNETO
+        """:meth:`_init_weights` on every module, N(0, 0.02) CLS and mask token; MAGNETO
         sub-LN scaling.
 
         The mask token is not zero (as MAE's): with no absolute positions, masked tiles
@@ -97,13 +92,7 @@ class SlideEncoder(nn.Module):
         every block (zero biases at init), and LayerNorm's backward at a zero-variance input
         multiplies the gradient by ``1 / sqrt(eps)`` (~316) per norm: 1e30 gradients after
         nine of them, from a finite loss."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(self._init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         if self.grid_context is not None:
@@ -113,7 +102,7 @@ class SlideEncoder(nn.Module):
                 nn.init.zeros_(blk.self_attn.rel_bias)
                 if blk.self_attn.pos_proj is not None:  # start position-free
                     nn.init.zeros_(blk.self_attn.pos_proj.weight)
-        if self.config["subln"] and self.config["subln_init"] and self.depth:
+        if self.cfg.subln and self.cfg.subln_init and self.depth:
             gain = math.sqrt(math.log(2 * self.depth))
             for blk in self.blocks:
                 for lin in (blk.ffn.fc1, blk.ffn.fc2, blk.self_attn.out_proj, blk.self_attn.v_proj):
@@ -143,12 +132,12 @@ class SlideEncoder(nn.Module):
         features less ``center`` (broadcast to ``x``) or, without one, less ``own_mean(x)``
         (each input's own mean, as the path lays inputs out); the projection; the mask token
         where ``token_mask``; positions."""
-        if self.config["input_center"]:
+        if self.cfg.input_center:
             x = x - (own_mean(x) if center is None else center.to(x.dtype))
         h = self.patch_embed(x)
         if token_mask is not None:
             h = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(h.dtype)[0], h)
-        return h + sincos_2d(coords, self.embed_dim, self.config["pos_mode"]).to(h.dtype)
+        return h + sincos_2d(coords, self.embed_dim, self.cfg.pos_mode.value).to(h.dtype)
 
     def _block(self, blk, h, *args):
         """One block, recomputed in backward under gradient checkpointing."""
@@ -187,7 +176,7 @@ class SlideEncoder(nn.Module):
         """The final norm as ``forward_features`` applies it: on every token for
         ``pool="cls"``; for ``pool="mean"`` it moves to the pooled vector (``forward_head``),
         as timm's average-pooled ViTs (``fc_norm``) and Prov-GigaPath's global pool do."""
-        return self.norm(h) if self.config["pool"] == "cls" else h
+        return self.norm(h) if self.cfg.pool == Pool.cls else h
 
     def forward_features(
         self, x, coords, padding_mask=None, token_mask=None, center=None
@@ -213,6 +202,19 @@ class SlideEncoder(nn.Module):
         out = self.norm(h)
         return out[:, 0], out[:, 1:]
 
+    def last_block_attention(
+        self, x, coords, padding_mask=None, center=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(attention (B, N), tokens (B, N, E))``: the last block's CLS-to-tile attention
+        (``Block.cls_attention``: the dense softmax of the CLS query over the tile keys,
+        averaged over heads, float32) and the tile tokens of :meth:`forward_tokens`.
+        Arguments as :meth:`forward_features`; what the slide maps draw."""
+        if not self.blocks:
+            raise ValueError("encoder has no blocks: no attention to map")
+        h, _, states = self._trunk(x, coords, padding_mask, None, center, {self.depth - 1})
+        attention = self.blocks[-1].cls_attention(states[0], padding_mask)
+        return attention, self.norm(h)[:, 1:]
+
     @property
     def packs(self) -> bool:
         """Whether :meth:`forward_packed` runs this architecture (global attention blocks
@@ -220,7 +222,7 @@ class SlideEncoder(nn.Module):
         return (
             self.grid_context is None
             and not self.local_kernel
-            and self.config["pos_bias"] == "none"
+            and self.cfg.pos_bias == PosBias.none
         )
 
     def forward_packed(
@@ -276,7 +278,7 @@ class SlideEncoder(nn.Module):
         (``pool="mean"``). There is no classifier: ``pre_logits`` is accepted for timm
         compatibility and changes nothing."""
         del pre_logits
-        if self.config["pool"] == "cls":
+        if self.cfg.pool == Pool.cls:
             return x[:, 0]
         return self.norm(_masked_mean(x[:, 1:], padding_mask)[:, 0])
 
@@ -380,6 +382,4 @@ def build_encoder(name: str = "tiny", **overrides) -> SlideEncoder:
     """Build a preset (``tiny``, ``small``, ``base``, ``gigapath``) with overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown encoder preset {name!r}; choose from {sorted(PRESETS)}")
-    cfg = copy.deepcopy(PRESETS[name])
-    cfg.update(overrides)
-    return SlideEncoder(**cfg)
+    return SlideEncoder(PRESETS[name], **overrides)

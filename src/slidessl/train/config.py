@@ -15,8 +15,10 @@ The layering is facebookresearch/dinov2's (``ssl_default_config.yaml`` + a recip
 The merged config is in struct mode: a key that the schema does not have, or a value that
 cannot take the key's type (``train.epochs=abc``), is one :class:`ConfigError` naming the
 key and the file or override it came from, so a typo never trains silently with a default.
-Only ``model.overrides`` (arguments of ``build_encoder``, checked there) is free-form.
-:func:`load_config` returns plain Python containers (dicts, lists, tuples) of checked types.
+``model.overrides`` is typed by :class:`slidessl.models.presets.EncoderConfig` (through
+:class:`slidessl.train.schema.EncoderOverrides`) and holds only the options a recipe or an
+override sets; the preset gives the rest. :func:`load_config` returns plain Python
+containers (dicts, lists, tuples) of checked types, choices as strings.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from slidessl.data.views import MultiCropConfig
-from slidessl.train.schema import FREE_FORM, PretrainConfig
+from slidessl.models.presets import PRESETS
+from slidessl.train.schema import PretrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -78,8 +81,6 @@ def resolve_recipe(name: str | Path) -> Path:
 def _schema() -> DictConfig:
     cfg = OmegaConf.structured(PretrainConfig)
     OmegaConf.set_struct(cfg, True)
-    for dotted in FREE_FORM:
-        OmegaConf.set_struct(OmegaConf.select(cfg, dotted), False)
     return cfg
 
 
@@ -164,7 +165,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{DEFAULT_CONFIG}: no value for config key(s) {missing}")
-    out = OmegaConf.to_container(cfg, resolve=True)
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    model = out["model"]
+    model["overrides"] = {k: v for k, v in model["overrides"].items() if v is not None}
     validate(out)
     out["_meta"] = {
         "recipe": recipe_file,
@@ -205,6 +208,8 @@ def validate(cfg: dict) -> None:
         MultiCropConfig.from_dict(cfg["crops"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    name = cfg["model"]["name"]
+    _require(name in PRESETS, f"model.name must be one of {sorted(PRESETS)}, got {name!r}")
 
 
 def _plain(value):

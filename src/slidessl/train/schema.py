@@ -6,23 +6,44 @@ loaded config gets ints, floats, bools and lists of the documented types. The de
 their documentation live in ``configs/default.yaml`` (as in dinov2's
 ``ssl_default_config.yaml``); fields here are ``MISSING`` except the ``crops`` section, whose
 schema and defaults are :class:`slidessl.data.views.MultiCropConfig` itself.
-``model.overrides`` is free-form: its keys are :func:`slidessl.models.build_encoder`
-arguments, checked there.
+``model.overrides`` is :class:`EncoderOverrides`: every option of
+:class:`slidessl.models.presets.EncoderConfig` with its type (choices as its enums) and no
+default (``None``: the preset's value; :func:`slidessl.train.config.load_config` keeps only
+the options set).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
 
 from slidessl.data.views import MultiCropConfig
+from slidessl.models.presets import EncoderConfig
 
-__all__ = ["PretrainConfig", "FREE_FORM"]
+__all__ = ["EncoderOverrides", "PretrainConfig"]
 
-# dotted paths of sections that accept any key (checked by the code that consumes them)
-FREE_FORM = ("model.overrides",)
+
+def _optional(kind):
+    """The run-config type of an encoder option's type: ``Optional``, tuples as lists."""
+    if typing.get_origin(kind) is tuple:
+        kind = list[typing.get_args(kind)[0]]
+    return typing.Optional[kind]  # noqa: UP045 (OmegaConf reads typing.Optional)
+
+
+# the encoder options a recipe changes over its preset, typed from EncoderConfig itself
+_ENCODER_TYPES = typing.get_type_hints(EncoderConfig)
+EncoderOverrides = dataclasses.make_dataclass(
+    "EncoderOverrides",
+    [
+        (f.name, _optional(_ENCODER_TYPES[f.name]), field(default=None))
+        for f in dataclasses.fields(EncoderConfig)
+    ],
+)
+EncoderOverrides.__module__ = __name__
 
 
 @dataclass
@@ -40,7 +61,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: EncoderOverrides = field(default_factory=EncoderOverrides)
 
 
 @dataclass
