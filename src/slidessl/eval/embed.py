@@ -232,8 +232,8 @@ def _resumable(out: Path, options: dict) -> set[str]:
         if str(attrs.get(key)) != str(want):
             raise ValueError(
                 f"{out}: holds embeddings made with {key}={attrs.get(key)!r}, not {want!r} "
-                "as this run; its vectors would differ: write to a new file (or rerun with "
-                "the options the file records)"
+                f"(this run has {want!r}; its vectors would differ: write to a new file, or "
+                "rerun with the options the file records)"
             )
     return set(ids)
 
