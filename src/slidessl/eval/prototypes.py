@@ -39,7 +39,6 @@ __all__ = [
     "PrototypeModel",
     "cooccurrence",
     "fit_prototypes",
-    "is_prototype_spec",
     "parse_prototype_spec",
     "slide_vector",
 ]
@@ -50,10 +49,6 @@ KINDS = ("prototypes", "cooc")
 METHODS = ("kmeans", "gmm")
 PCA_DIM = 32
 FIT_TILES = 100_000
-
-
-def is_prototype_spec(spec: str) -> bool:
-    return spec.split(":")[0] in KINDS
 
 
 def parse_prototype_spec(spec: str) -> tuple[str, int, str]:
