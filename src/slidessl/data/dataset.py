@@ -13,6 +13,7 @@ the dataset is safe with forked ``DataLoader`` workers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from collections import Counter
@@ -95,7 +96,9 @@ class SlideDataset(Dataset):
             expected_dim=expected_dim,
         )
 
-    def _bad(self, slide_id: str, exc: SlideError) -> None:
+    def bad_slide(self, slide_id: str, exc: SlideError) -> None:
+        """``on_bad_slide`` applied to a slide that cannot be used: raise ``exc``, or warn,
+        list it in ``skipped`` and go on."""
         if self.on_bad_slide == "error":
             raise exc
         self.skipped.append((slide_id, exc.problem))
@@ -107,7 +110,7 @@ class SlideDataset(Dataset):
             try:
                 rec = self._open(entry)
             except SlideError as exc:
-                self._bad(entry.slide_id, exc)
+                self.bad_slide(entry.slide_id, exc)
                 continue
             opened.append((entry, rec.feature_dim, rec.num_tiles, rec.path))
         dims = Counter(d for _, d, _, _ in opened)
@@ -115,7 +118,7 @@ class SlideDataset(Dataset):
         for entry, dim, n, path in opened:
             if dim != self.feature_dim:
                 problem = f"feature dim {dim} differs from the dataset's {self.feature_dim}"
-                self._bad(entry.slide_id, SlideError(path, problem))
+                self.bad_slide(entry.slide_id, SlideError(path, problem))
                 continue
             self.entries.append(entry)
             self.num_tiles.append(n)
@@ -136,22 +139,31 @@ class SlideDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def resampled(
+        self, max_tiles: int | None, *, seed: int, cap_key: str = "index", on_bad_slide="skip"
+    ) -> SlideDataset:
+        """The same validated slides read with another cap, seed and bad-slide policy (no
+        file is opened again); ``skipped`` starts empty."""
+        other = copy.copy(self)
+        other.max_tiles, other.seed, other.cap_key = max_tiles, int(seed), cap_key
+        other.on_bad_slide, other.epoch, other.skipped = on_bad_slide, 0, []
+        return other
+
+    def load(self, index: int) -> dict:
+        """Slide ``index`` as ``__getitem__`` gives it, raising the
+        :class:`~slidessl.data.formats.SlideError` of a slide whose features cannot be read
+        (whatever ``on_bad_slide`` says)."""
         if not 0 <= index < len(self.entries):
             raise IndexError(f"slide index {index} out of range [0, {len(self.entries)})")
         entry = self.entries[index]
-        try:
-            rec = self._open(entry, expected_dim=self.feature_dim)
-            if self.max_tiles is None:
-                rows = np.arange(rec.num_tiles)
-            else:
-                key = index if self.cap_key == "index" else slide_hash(entry.slide_id)
-                rng = np.random.default_rng([self.seed, key, self.epoch])
-                rows = cap_tiles(rec.grid, self.max_tiles, rng)
-            feats = rec.read_features(rows)
-        except SlideError as exc:
-            self._bad(entry.slide_id, exc)
-            return None
+        rec = self._open(entry, expected_dim=self.feature_dim)
+        if self.max_tiles is None:
+            rows = np.arange(rec.num_tiles)
+        else:
+            key = index if self.cap_key == "index" else slide_hash(entry.slide_id)
+            rng = np.random.default_rng([self.seed, key, self.epoch])
+            rows = cap_tiles(rec.grid, self.max_tiles, rng)
+        feats = rec.read_features(rows)
         grid = rec.grid[rows]
         perm = spatial_order(grid, self.order)
         return {
@@ -161,3 +173,10 @@ class SlideDataset(Dataset):
             "grid": torch.from_numpy(np.ascontiguousarray(grid[perm])),
             "num_tiles": rec.num_tiles,
         }
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return self.load(index)
+        except SlideError as exc:
+            self.bad_slide(self.entries[index].slide_id, exc)
+            return None

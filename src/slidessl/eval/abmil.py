@@ -248,15 +248,22 @@ def run_abmil(
 
 
 def load_tile_features(
-    manifest, max_tiles: int | None = 8192, seed: int = 0, on_bad_slide: str = "error"
+    manifest,
+    max_tiles: int | None = 8192,
+    seed: int = 0,
+    on_bad_slide: str = "error",
+    workers: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """Tile features of every readable slide (capped, seeded), keyed by slide id."""
+    """Tile features of every readable slide (capped, seeded), keyed by slide id, read by
+    ``workers`` DataLoader processes (at most the usable CPUs minus one)."""
+    from slidessl.cpus import data_workers
     from slidessl.data.dataset import SlideDataset
+    from slidessl.eval.slides import read_slides
 
     ds = SlideDataset(manifest, max_tiles=max_tiles, on_bad_slide=on_bad_slide, seed=seed)
-    out = {}
-    for i in range(len(ds)):
-        item = ds[i]
-        if item is not None:
-            out[item["slide_id"]] = item["features"]
-    return out
+    batches = [[i] for i in range(len(ds))]
+    return {
+        item["slide_id"]: item["features"]
+        for items in read_slides(ds, batches, data_workers(workers))
+        for item in items
+    }

@@ -25,6 +25,16 @@ def _max_tiles(text: str):
     return value
 
 
+def _workers(p) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes that read slide files while this one computes (at most the usable "
+        "CPUs minus one; 0: read here)",
+    )
+
+
 def _embeddings_and_manifest(p, columns: str) -> None:
     """The EMBEDDINGS and MANIFEST positionals of probe and retrieve."""
     p.add_argument(
@@ -130,6 +140,7 @@ def register(sub) -> None:
         help="gigapath:PATH: continue the sin-cos position table past Prov-GigaPath's 1000 x "
         "1000 grid instead of refusing such slides",
     )
+    _workers(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser(
@@ -209,6 +220,7 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs per fold")
     p.add_argument("--train-tiles", type=int, default=2048, help="tiles sampled per slide")
     p.add_argument("--max-tiles", type=int, default=8192, help="tiles loaded per slide")
+    _workers(p)
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     p.add_argument("--jobs", type=int, default=1, help="parallel fold trainings (threads)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
@@ -274,6 +286,7 @@ def cmd_embed(args) -> int:
         "skip" if args.skip_bad else "error",
         gigapath_extrapolate=args.gigapath_extrapolate,
         maps=args.maps,
+        workers=args.workers,
     )
     print(f"embedded {s['written']} slides ({s['skipped_existing']} already there) -> {s['out']}")
     for sid, why in s["bad_slides"]:
@@ -340,7 +353,7 @@ def cmd_abmil(args) -> int:
     manifest = _manifest(args.manifest)
     tasks = build_tasks(manifest, args.task)
     folds = [resolve_folds(t, args.folds, args.k, args.seed) for t in tasks]
-    feats = load_tile_features(manifest, args.max_tiles, args.seed)
+    feats = load_tile_features(manifest, args.max_tiles, args.seed, workers=args.workers)
     cfg = ABMILConfig(lr=args.lr, epochs=args.epochs, train_tiles=args.train_tiles, seed=args.seed)
     tasks, folds, scores, _ = run_abmil(feats, tasks, folds, cfg, n_jobs=args.jobs)
     sums = [summarize(t, f, s, args.bootstrap, args.seed) for t, f, s in zip(tasks, folds, scores)]

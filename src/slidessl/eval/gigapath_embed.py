@@ -1,5 +1,9 @@
 """``slidessl embed gigapath:PATH``: Prov-GigaPath's own slide embeddings of the user's files.
 
+:class:`GigapathEmbedder` is the embedder of ``gigapath:PATH``, run by ``slidessl embed``'s
+one resume / write loop (:func:`slidessl.eval.embed.run_embed`); it reads its slides with
+:class:`GigapathSlides`, the published pipeline's conventions rather than slidessl's.
+
 The vectors are those of the published pipeline (``gigapath.slide_encoder.create_model`` +
 ``gigapath.pipeline.run_inference_with_slide_encoder``) on the same HDF5 file, in float32:
 
@@ -37,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slidessl.eval.embed_io import EmbeddingWriter, read_embeddings
+from slidessl.data.formats import SlideError, open_slide
+from slidessl.eval.embedder import Embedder
 from slidessl.models.gigapath import (
     GIGAPATH_TILE_PX,
     gigapath_pool,
@@ -45,14 +50,14 @@ from slidessl.models.gigapath import (
     published_states,
 )
 from slidessl.models.posenc import check_gigapath_table
-from slidessl.progress import progress as progress_bar
 
 __all__ = [
     "CONVENTION",
+    "GigapathEmbedder",
+    "GigapathSlides",
     "embed_gigapath_slide",
     "gigapath_positions",
     "parse_gigapath_pooling",
-    "run_gigapath_embed",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,75 +148,29 @@ def embed_gigapath_slide(encoder, features, grid, pooling: str = "cls", extrapol
     return vec[0].float().numpy()
 
 
-def run_gigapath_embed(
-    encoder_spec: str,
-    manifest,
-    out,
-    pooling: str = "cls",
-    on_bad_slide: str = "error",
-    progress: bool = True,
-    extrapolate: bool = False,
-) -> dict:
-    """Embed every slide of ``manifest`` with ``gigapath:PATH`` into ``out`` (resumable);
-    returns the same summary dict as :func:`slidessl.eval.embed.run_embed`."""
-    from slidessl.data.formats import SlideError, open_slide
-    from slidessl.data.manifest import Manifest, load_manifest
+class GigapathSlides:
+    """The slides of a manifest as the published pipeline reads them: every tile, in file
+    row order, with :func:`gigapath_positions`. Each slide is checked once here (header,
+    the tile-feature dim ``in_dim`` of the encoder at ``ckpt``, positions inside the
+    1000 x 1000 table unless ``extrapolate``), the position rule logged once per kind of
+    file; a bad slide
+    raises its :class:`~slidessl.data.formats.SlideError` (``on_bad_slide="error"``) or is
+    logged, listed in ``skipped`` and left out (``"skip"``). Fork-safe (no open file), as
+    :func:`slidessl.eval.slides.read_slides` needs."""
 
-    if not encoder_spec.startswith("gigapath:") or not encoder_spec.partition(":")[2]:
-        raise ValueError(f"{encoder_spec!r}: expected gigapath:PATH")
-    if on_bad_slide not in ("error", "skip"):
-        raise ValueError(f"on_bad_slide must be 'error' or 'skip', got {on_bad_slide!r}")
-    parse_gigapath_pooling(pooling)
-    ckpt = Path(encoder_spec.partition(":")[2])
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest)
-    out = Path(out)
-    spec_key = f"gigapath:{ckpt.resolve()}"
-    done: set[str] = set()
-    if out.exists():
-        ids, _, attrs = read_embeddings(out)
-        for key, want in (("spec", spec_key), ("pooling", pooling), ("convention", CONVENTION)):
-            if str(attrs.get(key)) != want:
-                raise ValueError(
-                    f"{out}: holds embeddings with {key}={attrs.get(key)!r}, not {want!r}; "
-                    "write to a new file"
-                )
-        done = set(ids)
-    todo = [e for e in manifest.entries if e.slide_id not in done]
-    summary = {"out": str(out), "skipped_existing": len(done), "written": 0, "bad_slides": []}
-    if not todo:
-        log.info("%s: all %d slides already embedded", out, len(done))
-        return summary
-    encoder = load_gigapath(ckpt)
-    parse_gigapath_pooling(pooling, encoder.depth + 1)
-    log.info(
-        "gigapath:%s: Prov-GigaPath's published forward on every tile of each slide in file "
-        "row order, one slide at a time (--max-tiles and --batch-size do not apply)",
-        ckpt,
-    )
-    attrs = {
-        "encoder": f"gigapath:{ckpt.resolve()}",
-        "spec": spec_key,
-        "pooling": pooling,
-        "max_tiles": -1,
-        "convention": CONVENTION,
-        "extrapolate": int(bool(extrapolate)),
-    }
-    rules_seen: set[str] = set()
-    dim = None
-    with EmbeddingWriter(out, attrs) as writer:
-        for entry in progress_bar(todo, desc=f"embed gigapath:{ckpt.name}", disable=not progress):
+    def __init__(self, manifest, in_dim: int, ckpt: Path, extrapolate=False, on_bad_slide="error"):
+        if on_bad_slide not in ("error", "skip"):
+            raise ValueError(f"on_bad_slide must be 'error' or 'skip', got {on_bad_slide!r}")
+        self.on_bad_slide, self.feature_dim = on_bad_slide, in_dim
+        self.entries, self.num_tiles, self.skipped = [], [], []
+        rules_seen: set[str] = set()
+        for entry in manifest.entries:
             try:
-                rec = open_slide(
-                    entry.path,
-                    slide_id=entry.slide_id,
-                    stride=entry.stride,
-                    stride_source="manifest" if entry.stride else "option",
-                )
-                if rec.feature_dim != encoder.in_dim:
+                rec = self._open(entry)
+                if rec.feature_dim != in_dim:
                     raise SlideError(
                         rec.path,
-                        f"the Prov-GigaPath slide encoder {ckpt} takes {encoder.in_dim}-dim "
+                        f"the Prov-GigaPath slide encoder {ckpt} takes {in_dim}-dim "
                         f"tile features (its own tile encoder's), but this file has "
                         f"{rec.feature_dim}-dim ones",
                     )
@@ -220,16 +179,12 @@ def run_gigapath_embed(
                     n_out = check_gigapath_table(torch.from_numpy(grid), extrapolate)
                 except ValueError as exc:
                     raise SlideError(rec.path, str(exc)) from exc
-                features = rec.read_features()
             except SlideError as exc:
-                if on_bad_slide == "error":
-                    raise
-                summary["bad_slides"].append((entry.slide_id, exc.problem))
-                log.warning("skipping slide %r: %s", entry.slide_id, exc)
+                self.bad_slide(entry.slide_id, exc)
                 continue
             if rule not in rules_seen:
                 rules_seen.add(rule)
-                log.info("gigapath:%s: %s (first: %s)", ckpt.name, rule, rec.path)
+                log.info("gigapath:%s: %s (first: %s)", Path(ckpt).name, rule, rec.path)
             if n_out:
                 log.warning(
                     "%s: %d tiles outside the 1000 x 1000 position table, sin-cos extrapolated",
@@ -244,9 +199,112 @@ def run_gigapath_embed(
                     rec.path,
                     shared,
                 )
-            vec = embed_gigapath_slide(encoder, features, grid, pooling, extrapolate)
-            writer.write([entry.slide_id], vec[None])
-            summary["written"] += 1
-            dim = int(vec.shape[0])
-    summary["dim"] = dim
-    return summary
+            self.entries.append(entry)
+            self.num_tiles.append(rec.num_tiles)
+
+    @staticmethod
+    def _open(entry):
+        return open_slide(
+            entry.path,
+            slide_id=entry.slide_id,
+            stride=entry.stride,
+            stride_source="manifest" if entry.stride else "option",
+        )
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [e.slide_id for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def bad_slide(self, slide_id: str, exc: SlideError) -> None:
+        if self.on_bad_slide == "error":
+            raise exc
+        self.skipped.append((slide_id, exc.problem))
+        log.warning("skipping slide %r: %s", slide_id, exc)
+
+    def load(self, index: int) -> dict:
+        """Slide ``index``: ``features`` (N, D) float32 and ``grid`` (N, 2) table positions,
+        in file row order."""
+        entry = self.entries[index]
+        rec = self._open(entry)
+        grid, _ = gigapath_positions(rec)
+        return {
+            "slide_id": entry.slide_id,
+            "index": index,
+            "features": torch.as_tensor(rec.read_features(), dtype=torch.float32),
+            "grid": torch.from_numpy(grid),
+            "num_tiles": rec.num_tiles,
+        }
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return self.load(index)
+        except SlideError as exc:
+            self.bad_slide(self.entries[index].slide_id, exc)
+            return None
+
+
+class GigapathEmbedder(Embedder):
+    """``gigapath:PATH``: the published forward of a local ``slide_encoder.pth``, one slide
+    per forward, every tile in file row order (``--max-tiles`` and ``--batch-size`` do not
+    apply); see the module docstring for ``pooling``. The file records ``encoder``, ``spec``,
+    ``pooling``, ``max_tiles`` (-1), ``convention`` and ``extrapolate``; a resumed file must
+    match ``spec``, ``pooling`` and ``convention``."""
+
+    batch_size = 1
+    counts_capped = False
+    map_encoder = None  # slide maps are drawn in slidessl's convention only
+
+    def __init__(self, path: str, pooling: str = "cls", extrapolate: bool = False):
+        if not path:
+            raise ValueError(f"{'gigapath:' + path!r}: expected gigapath:PATH")
+        parse_gigapath_pooling(pooling)
+        self.path, self.pooling, self.extrapolate = Path(path), pooling, bool(extrapolate)
+        self.module = load_gigapath(self.path)
+        parse_gigapath_pooling(pooling, self.module.depth + 1)
+        self.key = self.description = f"gigapath:{self.path.resolve()}"
+
+    def set_input_dim(self, dim: int) -> None:
+        if self.module.in_dim != dim:
+            raise ValueError(
+                f"{self.path}: the Prov-GigaPath slide encoder takes {self.module.in_dim}-dim "
+                f"tile features (its own tile encoder's), but these slides have {dim}-dim ones"
+            )
+
+    def open(self, manifest, max_tiles, seed, on_bad_slide) -> GigapathSlides:
+        log.info(
+            "gigapath:%s: Prov-GigaPath's published forward on every tile of each slide in "
+            "file row order, one slide at a time (--max-tiles and --batch-size do not apply)",
+            self.path,
+        )
+        return GigapathSlides(
+            manifest, self.module.in_dim, self.path, self.extrapolate, on_bad_slide
+        )
+
+    def prepare(self, dataset, workers: int = 0) -> None:
+        """Nothing: every slide was checked against the encoder when it was opened."""
+
+    def options(self, max_tiles, seed) -> dict:
+        return {"spec": self.key, "pooling": self.pooling, "convention": CONVENTION}
+
+    def file_attrs(self, max_tiles, seed) -> dict:
+        return {
+            "encoder": self.description,
+            "spec": self.key,
+            "pooling": self.pooling,
+            "max_tiles": -1,
+            "convention": CONVENTION,
+            "extrapolate": int(self.extrapolate),
+        }
+
+    def embed(self, items: list[dict]) -> np.ndarray:
+        return np.stack(
+            [
+                embed_gigapath_slide(
+                    self.module, it["features"], it["grid"], self.pooling, self.extrapolate
+                )
+                for it in items
+            ]
+        )

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from slidessl.eval.embedder import Embedder
+from slidessl.eval.slides import read_slides
+
 __all__ = [
     "DEFAULT_K",
     "DEFAULT_RADII",
@@ -36,7 +39,6 @@ __all__ = [
     "PrototypeModel",
     "cooccurrence",
     "fit_prototypes",
-    "is_prototype_spec",
     "parse_prototype_spec",
     "slide_vector",
 ]
@@ -47,10 +49,6 @@ KINDS = ("prototypes", "cooc")
 METHODS = ("kmeans", "gmm")
 PCA_DIM = 32
 FIT_TILES = 100_000
-
-
-def is_prototype_spec(spec: str) -> bool:
-    return spec.split(":")[0] in KINDS
 
 
 def parse_prototype_spec(spec: str) -> tuple[str, int, str]:
@@ -203,16 +201,40 @@ def slide_vector(model: PrototypeModel, features, grid, kind: str = "cooc") -> n
     return np.concatenate(parts).astype(np.float32)
 
 
-class PrototypeEmbedder:
-    """``embedder(items) -> (B, dim)`` slide vectors of a fitted model (``kind`` =
-    ``prototypes`` or ``cooc``) for slide dicts with ``features`` and ``grid``."""
+class PrototypeEmbedder(Embedder):
+    """``embedder(items)`` / ``embedder.embed(items) -> (B, dim)`` slide vectors of a fitted
+    model (``kind`` = ``prototypes`` or ``cooc``) for slide dicts with ``features`` and
+    ``grid``. Made from its spec (:meth:`from_spec`), it is fitted on the cohort being
+    embedded by :meth:`prepare`; the fit is part of its ``key`` (a resumed file must come
+    from the same prototypes)."""
 
-    def __init__(self, model: PrototypeModel, kind: str) -> None:
+    def __init__(self, model: PrototypeModel | None, kind: str, spec: str = "", seed: int = 0):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.spec, self.seed = model, kind, spec, int(seed)
 
-    def __call__(self, items: list[dict]) -> np.ndarray:
+    @classmethod
+    def from_spec(cls, spec: str, seed: int = 0) -> PrototypeEmbedder:
+        """``prototypes`` / ``cooc`` ``[:K[:kmeans|gmm]]``, not yet fitted."""
+        return cls(None, parse_prototype_spec(spec)[0], spec, seed)
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec}:seed{self.seed}:{self.model.digest()}"
+
+    @property
+    def description(self) -> str:
+        return self.key
+
+    @property
+    def digest(self) -> str:
+        return self.model.digest()
+
+    def prepare(self, dataset, workers: int = 0) -> None:
+        """Fit on the tiles of every slide of ``dataset`` (see :meth:`fit`)."""
+        self.model = self.fit(self.spec, dataset, self.seed, workers=workers).model
+
+    def embed(self, items: list[dict]) -> np.ndarray:
         return np.stack(
             [
                 slide_vector(
@@ -222,30 +244,29 @@ class PrototypeEmbedder:
             ]
         )
 
+    __call__ = embed
+
     @classmethod
     def fit_items(cls, spec: str, items: list[dict], seed: int = 0, fit_tiles: int = FIT_TILES):
         """Fit ``spec`` on the tiles of preloaded slide dicts (at most ``fit_tiles``, a seeded
         subsample). Reads no label."""
         kind, k, method = parse_prototype_spec(spec)
         feats = [np.asarray(it["features"]) for it in items]
-        return cls(fit_prototypes(feats, k, method, seed, max_tiles=fit_tiles), kind)
+        return cls(fit_prototypes(feats, k, method, seed, max_tiles=fit_tiles), kind, spec, seed)
 
     @classmethod
-    def fit(cls, spec: str, dataset, seed: int = 0, fit_tiles: int = FIT_TILES):
+    def fit(
+        cls, spec: str, dataset, seed: int = 0, fit_tiles: int = FIT_TILES, workers: int = 0
+    ) -> PrototypeEmbedder:
         """Fit ``spec`` on the tiles of every slide of ``dataset`` (a ``SlideDataset``),
         at most ``fit_tiles`` in all: each slide contributes a spatially uniform subsample
-        of ``fit_tiles / len(dataset)`` tiles (at least 16). Reads no label."""
-        from slidessl.data.dataset import SlideDataset
-        from slidessl.data.manifest import Manifest
-
+        of ``fit_tiles / len(dataset)`` tiles (at least 16, seeded by ``seed`` and the
+        slide's position; a slide that cannot be read is skipped), read by ``workers``
+        processes. Reads no label."""
         kind, k, method = parse_prototype_spec(spec)
         per_slide = max(16, fit_tiles // max(len(dataset), 1))
-        sample = SlideDataset(
-            Manifest(entries=dataset.entries, label_columns=[], source=dataset.manifest.source),
-            max_tiles=per_slide,
-            order=dataset.order,
-            on_bad_slide="skip",
-            seed=seed,
-        )
-        feats = [it["features"].numpy() for it in (sample[i] for i in range(len(sample))) if it]
-        return cls(fit_prototypes(feats, k, method, seed, max_tiles=fit_tiles), kind)
+        sample = dataset.resampled(per_slide, seed=seed, cap_key="index", on_bad_slide="skip")
+        batches = [[i] for i in range(len(sample))]
+        feats = [it["features"].numpy() for b in read_slides(sample, batches, workers) for it in b]
+        model = fit_prototypes(feats, k, method, seed, max_tiles=fit_tiles)
+        return cls(model, kind, spec, seed)
