@@ -29,10 +29,12 @@ of the seed, the epoch and the global batch); only stochastic layers (drop-path)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,18 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: that is
+    the intent here (a run of one process), so that warning is silenced, for this only."""
+    with warnings.catch_warnings():
+        if not _dist():
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is disabled", category=UserWarning
+            )
+        yield
+
+
 def _barrier() -> None:
     if _dist():
         dist.barrier()
@@ -134,7 +148,10 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(arch, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not _dist())
+    with _quiet_single_process():
+        dcp.save(
+            {"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not _dist()
+        )
     _barrier()  # every rank's shards are on disk
     if rank == 0:
         side = {**run_state, "format": FORMAT, "world_size": world, "rng": rng}
@@ -162,7 +179,8 @@ def load_checkpoint(path: str | Path, *, arch, optimizer) -> dict:
         raise ValueError(f"{path}: not a slidessl DCP checkpoint (no {FORMAT} {STATE_FILE})")
     model_state, optim_state = get_state_dict(arch, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
     set_state_dict(
         arch, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
