@@ -87,6 +87,7 @@ def test_rng_own_stream_or_reseeded(tmp_path, tiny_cfg, caplog):
     seed_everything(11)
     path = _save(root, 5, cfg, arch, optimizer)
     after_save = torch.rand(4)
+    assert not optimizer.state  # saving before any step leaves the optimizer as it was
     seed_everything(12)
     dcp_io.restore_train_state(path, arch=arch, optimizer=optimizer, **_objects())
     assert torch.equal(torch.rand(4), after_save)  # the saving world size: its own stream

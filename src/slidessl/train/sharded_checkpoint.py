@@ -147,11 +147,16 @@ def save_checkpoint(
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     _barrier()
+    # get_state_dict fills an empty optimizer state (a zero-lr step on zero gradients): saved
+    # as such, but the running optimizer is given its empty state back (no step taken yet)
+    fresh = not optimizer.state
     model_state, optim_state = get_state_dict(arch, optimizer)
     with _quiet_single_process():
         dcp.save(
             {"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not _dist()
         )
+    if fresh:
+        optimizer.state.clear()
     _barrier()  # every rank's shards are on disk
     if rank == 0:
         side = {**run_state, "format": FORMAT, "world_size": world, "rng": rng}
