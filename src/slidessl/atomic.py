@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir"]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk; best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -44,7 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -22,11 +22,13 @@ from slidessl.atomic import atomic_write
 
 __all__ = [
     "capture_rng_state",
+    "capture_run_state",
     "capture_train_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "restore_rng_state",
+    "restore_run_state",
     "restore_train_state",
     "save_checkpoint",
     "seed_everything",
@@ -107,21 +109,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def capture_train_state(
-    *, arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg, extra=None
+def capture_run_state(
+    *, scaler, step, epoch, sampler, guard, monitor, stats, cfg, arch=None, extra=None
 ) -> dict:
-    """Everything a resumed run needs to continue exactly: student, teacher, centres,
-    optimizer, scaler, step / epoch / position in the data, RNG states, NaN guard,
-    collapse monitor, run statistics, the encoder and run configs; ``extra`` maps names to
-    further objects with ``state_dict`` (the loss-stall and label monitors)."""
+    """The training state besides weights, centres and optimizer: grad scaler, step / epoch
+    / position in the data, this process's RNG states, NaN guard, collapse monitor, run
+    statistics, the encoder and run configs; ``extra`` maps names to further objects with
+    ``state_dict`` (the loss-stall and label monitors)."""
     extra = {f"extra/{k}": v.state_dict() for k, v in (extra or {}).items()}
+    encoder = {} if arch is None else getattr(arch.teacher["backbone"], "config", {})
     return {
         **extra,
-        "format": "slidessl-train-1",
-        "student": arch.student.state_dict(),
-        "teacher": arch.teacher.state_dict(),
-        "centers": {k: v.detach().cpu().clone() for k, v in arch.centers().items()},
-        "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "step": step,
         "epoch": epoch,
@@ -132,9 +130,47 @@ def capture_train_state(
         "nan_guard": guard.state_dict(),
         "monitor": monitor.state_dict(),
         "stats": stats.state_dict(),
-        "encoder_config": dict(getattr(arch.teacher["backbone"], "config", {}) or {}),
+        "encoder_config": dict(encoder or {}),
         "config": cfg,
     }
+
+
+def capture_train_state(
+    *, arch, optimizer, scaler, step, epoch, sampler, guard, monitor, stats, cfg, extra=None
+) -> dict:
+    """Everything a resumed run needs to continue exactly: student, teacher, centres,
+    optimizer and the rest of :func:`capture_run_state`."""
+    run = capture_run_state(
+        scaler=scaler,
+        step=step,
+        epoch=epoch,
+        sampler=sampler,
+        guard=guard,
+        monitor=monitor,
+        stats=stats,
+        cfg=cfg,
+        arch=arch,
+        extra=extra,
+    )
+    return {
+        "format": "slidessl-train-1",
+        "student": arch.student.state_dict(),
+        "teacher": arch.teacher.state_dict(),
+        "centers": {k: v.detach().cpu().clone() for k, v in arch.centers().items()},
+        "optimizer": optimizer.state_dict(),
+        **run,
+    }
+
+
+def restore_run_state(state: dict, *, scaler, guard, monitor, stats, extra=None) -> None:
+    """Load the parts of :func:`capture_run_state` that live in objects (not the RNG)."""
+    scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state["nan_guard"])
+    monitor.load_state_dict(state["monitor"])
+    stats.load_state_dict(state["stats"])
+    for key, obj in (extra or {}).items():
+        if f"extra/{key}" in state:
+            obj.load_state_dict(state[f"extra/{key}"])
 
 
 def restore_train_state(
@@ -148,12 +184,6 @@ def restore_train_state(
     for key, center in arch.centers().items():
         center.copy_(state["centers"][key].to(center.device))
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    guard.load_state_dict(state["nan_guard"])
-    monitor.load_state_dict(state["monitor"])
-    stats.load_state_dict(state["stats"])
-    for key, obj in (extra or {}).items():
-        if f"extra/{key}" in state:
-            obj.load_state_dict(state[f"extra/{key}"])
+    restore_run_state(state, scaler=scaler, guard=guard, monitor=monitor, stats=stats, extra=extra)
     restore_rng_state(state["rng"])
     return state

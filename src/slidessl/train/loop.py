@@ -7,12 +7,16 @@ and, at the end, exports the teacher backbone to ``OUT/teacher/`` and ``OUT/summ
 
 ``resume=True`` continues from the newest ``OUT/checkpoints/ckpt-*.pt``: model, optimizer,
 centres, RNG states, epoch and position inside the epoch are restored, so on CPU the
-resumed run reproduces the losses and final weights of an uninterrupted one.
+resumed run reproduces the losses and final weights of an uninterrupted one. Under
+``distributed.strategy=fsdp`` checkpoints are ``torch.distributed.checkpoint`` folders
+``OUT/checkpoints/ckpt-*/`` (:mod:`slidessl.train.sharded_checkpoint`), resumable at any
+number of processes.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import torch
 
 from slidessl.cpus import configure_threads
 from slidessl.train import checkpoint as ckpt_io
+from slidessl.train import sharded_checkpoint as dcp_io
 from slidessl.train.config import dump_config
 from slidessl.train.data import CropDataset, build_multicrop, build_slide_dataset, make_loader
 from slidessl.train.distributed import (
@@ -57,25 +62,34 @@ def pretrain(cfg: dict, resume: bool = False) -> Path:
         ctx.close()
 
 
-def _no_checkpoint(root: Path, looked: Path, fsdp: bool, ctx) -> str:
-    """What --resume found instead of a checkpoint for this strategy and world size."""
+def _no_checkpoint(root: Path, fsdp: bool, ctx) -> str:
+    """What --resume found in ``root`` instead of a checkpoint for this strategy."""
+    msg = f"--resume: no checkpoint in {root}"
+    this = f"this run: {ctx.world_size} process(es), strategy " + (
+        "fsdp" if fsdp else "ddp" if ctx.distributed else "single process"
+    )
+    folders, whole = dcp_io.latest_checkpoint(root), ckpt_io.latest_checkpoint(root)
     shards = sorted(p.name for p in root.glob("rank*") if p.is_dir()) if root.is_dir() else []
-    whole = ckpt_io.latest_checkpoint(root) if root.is_dir() else None
-    msg = f"--resume: no checkpoint in {looked}"
-    if shards and not fsdp:
+    if folders is not None and not fsdp:
         return (
-            f"{msg}: {root} holds FSDP shards ({', '.join(shards)}) of a {len(shards)}-process "
-            f"run; resume it with distributed.strategy=fsdp and {len(shards)} processes "
-            f"(this run: {ctx.world_size}, strategy "
-            f"{'ddp' if ctx.distributed else 'single process'})"
+            f"{msg}: it holds FSDP checkpoints (the newest {folders.name}/, "
+            "torch.distributed.checkpoint); resume them with distributed.strategy=fsdp, at "
+            f"any number of processes ({this})"
         )
-    if fsdp and (shards or whole is not None):
-        have = f"FSDP shards of {len(shards)} processes" if shards else f"{whole.name}"
+    if whole is not None and fsdp:
         return (
-            f"{msg}: {root} holds {have}; FSDP resumes only with the world size that saved "
-            f"(this run: {ctx.world_size} processes)"
-            + ("" if shards else ", and not from a single-process / DDP checkpoint")
+            f"{msg}: it holds {whole.name} of a single-process / DDP run; resume it with "
+            f"distributed.strategy=ddp ({this})"
         )
+    if shards:
+        return (
+            f"{msg}: it holds per-rank FSDP shards ({', '.join(shards)}) of a slidessl "
+            "version before torch.distributed.checkpoint; this version resumes FSDP from "
+            f"ckpt-*/ folders only: resume with that version, or start afresh ({this})"
+        )
+    tmp = dcp_io.incomplete_checkpoints(root)
+    if tmp:
+        return f"{msg}: only {tmp[-1].name}/, a save that a killed run did not finish"
     return msg
 
 
@@ -85,8 +99,9 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     out = Path(cfg["out"])
     ckpt_dir = out / "checkpoints"
     fsdp = ctx.distributed and cfg["distributed"]["strategy"] == "fsdp"
-    if fsdp:  # every rank saves its own shards
-        ckpt_dir = ckpt_dir / f"rank{ctx.rank}"
+    # FSDP runs checkpoint through torch.distributed.checkpoint (at any world size, 1 too)
+    sharded = cfg["distributed"]["strategy"] == "fsdp"
+    io = dcp_io if sharded else ckpt_io
     seed = cfg["seed"]
     ckpt_io.seed_everything(seed)
 
@@ -131,22 +146,15 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
     # the label monitor embeds with the teacher: on every rank under FSDP (sharded weights)
     labels = _label_monitor(cfg, device) if ctx.is_main or fsdp else None
     health = {"loss_stall": stall, **({"label_monitor": labels} if labels else {})}
+    # what a checkpoint holds besides the step, the data position and the config
+    kept = dict(arch=arch, optimizer=optimizer, scaler=scaler, guard=guard, monitor=monitor,
+                stats=stats, extra=health)  # fmt: skip
     step = 0
     if resume:
-        latest = ckpt_io.latest_checkpoint(ckpt_dir)
+        latest = io.latest_checkpoint(ckpt_dir)
         if latest is None:
-            raise FileNotFoundError(_no_checkpoint(out / "checkpoints", ckpt_dir, fsdp, ctx))
-        state = ckpt_io.restore_train_state(
-            latest,
-            device,
-            arch=arch,
-            optimizer=optimizer,
-            scaler=scaler,
-            guard=guard,
-            monitor=monitor,
-            stats=stats,
-            extra=health,
-        )
+            raise FileNotFoundError(_no_checkpoint(ckpt_dir, sharded, ctx))
+        state = io.restore_train_state(latest, device, **kept)
         step = int(state["step"])
         saved = state.get("sampler", {})
         if state.get("global_batch", global_batch) != global_batch:
@@ -157,14 +165,17 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 state.get("global_batch"),
             )
         log.info("resumed from %s at step %d (epoch %s)", latest, step, saved.get("epoch"))
-    elif ckpt_io.list_checkpoints(ckpt_dir):
+    elif ctx.is_main and io.list_checkpoints(ckpt_dir):
         log.warning(
             "%s holds checkpoints of an earlier run; starting afresh (use --resume to "
             "continue it) and replacing them",
             ckpt_dir,
         )
-        for old in ckpt_io.list_checkpoints(ckpt_dir):
-            old.unlink()
+        for old in io.list_checkpoints(ckpt_dir):
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
     writer = MetricsWriter(out, bool(t["tensorboard"]), resume=resume) if ctx.is_main else None
     if writer is not None and resume:
         writer.truncate_after(step)
@@ -239,23 +250,12 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
                 if bar is not None:  # the postfix must not force a redraw (log files)
                     bar.set_postfix(_postfix(res, sched, step_time, labels), refresh=False)
                     bar.update(1)
-                if (ctx.is_main or fsdp) and (
+                if (ctx.is_main or sharded) and (
                     ckpt_every > 0 and step % ckpt_every == 0 or step == stop_at
                 ):
-                    state = ckpt_io.capture_train_state(
-                        arch=arch,
-                        optimizer=optimizer,
-                        scaler=scaler,
-                        step=step,
-                        epoch=step // steps_per_epoch,
-                        sampler=sampler,
-                        guard=guard,
-                        monitor=monitor,
-                        stats=stats,
-                        cfg=cfg,
-                        extra=health,
-                    )
-                    ckpt_io.save_checkpoint(state, ckpt_dir, step, keep)
+                    epoch_now = step // steps_per_epoch
+                    _save(ckpt_dir, sharded, keep, step=step, epoch=epoch_now, sampler=sampler,
+                          cfg=cfg, **kept)  # fmt: skip
             del batches, loader
     finally:
         if bar is not None:
@@ -269,6 +269,19 @@ def _pretrain(cfg: dict, ctx, resume: bool) -> Path:
             out, stats, monitor, guard, skipped, step, stop_at, cfg, memory, health=health
         )
     return out
+
+
+def _save(folder: Path, sharded: bool, keep: int, **parts) -> None:
+    """One checkpoint: a ``torch.save`` file (rank 0), or a DCP folder (collective)."""
+    step = parts["step"]
+    if sharded:
+        optimizer = parts.pop("optimizer")
+        state = ckpt_io.capture_run_state(**parts)
+        dcp_io.save_checkpoint(
+            folder, step, keep, arch=parts["arch"], optimizer=optimizer, run_state=state
+        )
+    else:
+        ckpt_io.save_checkpoint(ckpt_io.capture_train_state(**parts), folder, step, keep)
 
 
 def _feature_dim(slides) -> int:
