@@ -36,7 +36,30 @@ def slide_hash(slide_id: str) -> int:
     return int.from_bytes(hashlib.sha256(str(slide_id).encode()).digest()[:8], "little") >> 1
 
 
-class SlideDataset(Dataset):
+class SlideSource:
+    """What the slide readers share (:class:`SlideDataset`, and the published Prov-GigaPath
+    pipeline's reader in ``eval``): ``entries`` (the usable manifest rows), ``load(i)``
+    (raises :class:`SlideError`) and ``bad_slide(slide_id, exc)`` (the ``on_bad_slide``
+    policy); indexing applies the policy, ``None`` standing for a slide skipped on read."""
+
+    entries: list[ManifestEntry]
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [e.slide_id for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return self.load(index)
+        except SlideError as exc:
+            self.bad_slide(self.entries[index].slide_id, exc)
+            return None
+
+
+class SlideDataset(SlideSource, Dataset):
     """Slides of a manifest as ``{"slide_id", "index", "features", "grid", "num_tiles"}``.
 
     ``features`` is a float32 tensor ``(n, D)``, ``grid`` int64 ``(n, 2)`` integer grid
@@ -128,16 +151,9 @@ class SlideDataset(Dataset):
                 f"all {len(self.skipped)} were skipped"
             )
 
-    @property
-    def slide_ids(self) -> list[str]:
-        return [e.slide_id for e in self.entries]
-
     def set_epoch(self, epoch: int) -> None:
         """Select the tile subsample of ``epoch`` for capped slides."""
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def resampled(
         self, max_tiles: int | None, *, seed: int, cap_key: str = "index", on_bad_slide="skip"
@@ -173,10 +189,3 @@ class SlideDataset(Dataset):
             "grid": torch.from_numpy(np.ascontiguousarray(grid[perm])),
             "num_tiles": rec.num_tiles,
         }
-
-    def __getitem__(self, index: int) -> dict | None:
-        try:
-            return self.load(index)
-        except SlideError as exc:
-            self.bad_slide(self.entries[index].slide_id, exc)
-            return None

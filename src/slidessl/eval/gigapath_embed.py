@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidessl.data.dataset import SlideSource
 from slidessl.data.formats import SlideError, open_slide
 from slidessl.eval.embedder import Embedder
 from slidessl.models.gigapath import (
@@ -148,7 +149,7 @@ def embed_gigapath_slide(encoder, features, grid, pooling: str = "cls", extrapol
     return vec[0].float().numpy()
 
 
-class GigapathSlides:
+class GigapathSlides(SlideSource):
     """The slides of a manifest as the published pipeline reads them: every tile, in file
     row order, with :func:`gigapath_positions`. Each slide is checked once here (header,
     the tile-feature dim ``in_dim`` of the encoder at ``ckpt``, positions inside the
@@ -211,13 +212,6 @@ class GigapathSlides:
             stride_source="manifest" if entry.stride else "option",
         )
 
-    @property
-    def slide_ids(self) -> list[str]:
-        return [e.slide_id for e in self.entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def bad_slide(self, slide_id: str, exc: SlideError) -> None:
         if self.on_bad_slide == "error":
             raise exc
@@ -237,13 +231,6 @@ class GigapathSlides:
             "grid": torch.from_numpy(grid),
             "num_tiles": rec.num_tiles,
         }
-
-    def __getitem__(self, index: int) -> dict | None:
-        try:
-            return self.load(index)
-        except SlideError as exc:
-            self.bad_slide(self.entries[index].slide_id, exc)
-            return None
 
 
 class GigapathEmbedder(Embedder):
