@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from slidessl.eval.demo_commands import TASK_HELP, register_demo
+from slidessl.eval.demo_commands import TASK_HELP, command, register_demo
 
 
 def _max_tiles(text: str):
@@ -59,11 +59,11 @@ def _folds_k(p) -> None:
 
 
 def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser(
+    p = command(
+        sub,
         "embed",
+        cmd_embed,
         help="one embedding per slide (h5, or parquet with pyarrow)",
-        formatter_class=fmt,
         description=(
             "Write one vector per slide of MANIFEST to --out (HDF5, or parquet with pyarrow) "
             "with ENCODER: a pretrained teacher or a baseline, every slide read through the "
@@ -141,12 +141,12 @@ def register(sub) -> None:
         "1000 grid instead of refusing such slides",
     )
     _workers(p)
-    p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "probe",
+        cmd_probe,
         help="k-fold logistic-regression probe of slide embeddings",
-        formatter_class=fmt,
         description=(
             "Linear probe of slide embeddings: for each task, patient-grouped, "
             "label-stratified k-fold logistic regression (C chosen by inner CV), AUROC / AUPRC "
@@ -187,12 +187,12 @@ def register(sub) -> None:
     )
     p.add_argument("--draws", type=int, default=50, help="few-shot draws per K")
     p.add_argument("--out", required=True, help="output folder OUT")
-    p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "abmil",
+        cmd_abmil,
         help="gated-attention ABMIL baseline on tile features",
-        formatter_class=fmt,
         description=(
             "Train and test a gated-attention ABMIL (Ilse et al.) on the tile features of "
             "MANIFEST's slides, on the same patient-grouped folds as the probe, as the "
@@ -225,12 +225,12 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel fold trainings (threads)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--out", required=True, help="output folder OUT")
-    p.set_defaults(func=cmd_abmil)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "retrieve",
+        cmd_retrieve,
         help="leave-one-patient-out slide retrieval",
-        formatter_class=fmt,
         description=(
             "Slide retrieval by cosine similarity of slide embeddings: each slide queries "
             "the slides of all other patients; prints and writes Acc@K, MVAcc@K and mAP@K "
@@ -242,12 +242,12 @@ def register(sub) -> None:
     _embeddings_and_manifest(p, "column")
     p.add_argument("--label", required=True, help="label column of MANIFEST")
     p.add_argument("--out", required=True, help="output folder OUT")
-    p.set_defaults(func=cmd_retrieve)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "report",
+        cmd_report,
         help="report.md + report.json + plots of an evaluation run",
-        formatter_class=fmt,
         description=(
             "Collect an evaluation run into one page: reads every metrics.json (probe, "
             "abmil) and retrieval.json under RUN_DIR, a pretraining metrics.csv and the slide "
@@ -261,9 +261,8 @@ def register(sub) -> None:
         metavar="RUN_DIR",
         help="folder holding the --out folders of probe / abmil / retrieve (or a demo's OUT)",
     )
-    p.set_defaults(func=cmd_report)
 
-    register_demo(sub, fmt)
+    register_demo(sub)
 
 
 def _manifest(path, check_files: bool = True):

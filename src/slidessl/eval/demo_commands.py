@@ -3,6 +3,7 @@ evaluation together (registered by ``eval.commands``)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 TASK_HELP = (
@@ -12,13 +13,21 @@ TASK_HELP = (
 )
 
 
-def register_demo(sub, fmt) -> None:
+def command(sub, name: str, func, **kw) -> argparse.ArgumentParser:
+    """A sub-command parser (defaults shown in its help) that runs ``func``."""
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    p.set_defaults(func=func)
+    return p
+
+
+def register_demo(sub) -> None:
     """The ``diagnose`` and ``demo`` parsers."""
-    p = sub.add_parser(
+    p = command(
+        sub,
         "diagnose",
+        cmd_diagnose,
         help="why an encoder does (not) beat simple aggregation: coordinate shuffle, "
         "slide-identity leakage, per-layer probes",
-        formatter_class=fmt,
         description=(
             "Why an encoder's slide embedding does (not) beat simple aggregation: a "
             "coordinate-shuffle control (does the vector change when arrangement goes?), "
@@ -49,12 +58,12 @@ def register_demo(sub, fmt) -> None:
         "--folds", help="folds file to share with other methods (not given: OUT/folds.json)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of windows, shuffles and folds")
-    p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser(
+    p = command(
+        sub,
         "demo",
+        cmd_demo,
         help="synthetic cohort -> pretrain -> embed -> probe -> report",
-        formatter_class=fmt,
         description=(
             "The whole flow on one cohort, in minutes on a CPU: a synthetic cohort in "
             "OUT/cohort (or --manifest), pretraining of each recipe at CPU sizes "
@@ -115,7 +124,6 @@ def register_demo(sub, fmt) -> None:
         metavar="KEY=VALUE",
         help="pretraining config overrides for every recipe, e.g. train.epochs=2",
     )
-    p.set_defaults(func=cmd_demo)
 
 
 def cmd_diagnose(args) -> int:
