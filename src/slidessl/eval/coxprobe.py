@@ -14,8 +14,8 @@ For each outer fold of a survival task (the same folds file as every other metho
 4. the outer fit's coefficients at that penalty give the test slides' risk ``x . beta``.
 
 scikit-survival's Coxnet is the well-kept implementation (it is what Patho-Bench's
-``coxnet`` framework runs); ``partial_log_likelihood`` is written here with Breslow's
-handling of tied times because the CV criterion needs it on held-out data.
+``coxnet`` framework runs); the CV criterion needs the partial likelihood on held-out data,
+which ``partial_log_likelihood`` takes from the Cox loss (Breslow's ties).
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from slidessl.data.tasks import Task
+from slidessl.eval.cox_loss import cox_ph_loss
 from slidessl.eval.folds import grouped_stratified_split
 from slidessl.eval.logreg import standardize
+from slidessl.eval.survival import surv_array
 
 log = logging.getLogger(__name__)
 N_ALPHAS = 25
@@ -36,21 +39,10 @@ DEFAULT_L1_RATIO = 0.5
 
 def partial_log_likelihood(eta, time, event) -> float:
     """Cox log partial likelihood of linear predictors ``eta``, Breslow's ties:
-    ``sum_{i: event} [eta_i - log sum_{j: t_j >= t_i} exp(eta_j)]``."""
-    eta = np.asarray(eta, dtype=np.float64)
-    time = np.asarray(time, dtype=np.float64)
-    event = np.asarray(event).astype(bool)
-    order = np.argsort(-time, kind="stable")
-    t, e, h = time[order], event[order], eta[order]
-    lse = np.logaddexp.accumulate(h)  # log-sum over everyone with a time >= this one's
-    end = np.searchsorted(-t, -t, side="right") - 1  # last member of each tied group
-    return float(np.sum((h - lse[end])[e]))
-
-
-def _surv(time, event):
-    from sksurv.util import Surv
-
-    return Surv.from_arrays(event=np.asarray(event, dtype=bool), time=np.asarray(time, float))
+    ``sum_{i: event} [eta_i - log sum_{j: t_j >= t_i} exp(eta_j)]`` - minus the loss ABMIL
+    trains on (:func:`~slidessl.eval.cox_loss.cox_ph_loss`), in float64."""
+    tensors = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (eta, time, event)]
+    return -float(cox_ph_loss(*tensors))
 
 
 def fit_path(X, time, event, l1_ratio=DEFAULT_L1_RATIO, alphas=None):
@@ -60,7 +52,7 @@ def fit_path(X, time, event, l1_ratio=DEFAULT_L1_RATIO, alphas=None):
     (nearly separable data: weights without bound) the automatic path stops 10x higher."""
     from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-    y = _surv(time, event)
+    y = surv_array(time, event)
     kw = {"l1_ratio": l1_ratio, "fit_baseline_model": False}
     tries = [{"alphas": np.asarray(alphas, dtype=float)}] if alphas is not None else [
         {"n_alphas": N_ALPHAS, "alpha_min_ratio": ALPHA_MIN_RATIO},
@@ -80,12 +72,12 @@ def fit_path(X, time, event, l1_ratio=DEFAULT_L1_RATIO, alphas=None):
 
 def select_alpha(X, time, event, groups, alphas, l1_ratio, inner_k=3, seed=0):
     """Index into ``alphas`` maximising the Verweij-van Houwelingen cross-validated partial
-    log-likelihood over a patient-grouped inner split stratified on the event, and the
-    criterion per alpha; the middle of the path (``"default"``) with too few events."""
+    log-likelihood over a patient-grouped inner split stratified on the event; the middle
+    of the path with too few patients with an event for two inner folds."""
     event = np.asarray(event).astype(bool)
     k_in = min(inner_k, len(set(groups[event])), len(set(groups)))
     if k_in < 2:
-        return len(alphas) // 2, None
+        return len(alphas) // 2
     inner = grouped_stratified_split(event.astype(np.int64), groups, k_in, seed)
     cvpl = np.zeros(len(alphas))
     for f in range(k_in):
@@ -99,7 +91,7 @@ def select_alpha(X, time, event, groups, alphas, l1_ratio, inner_k=3, seed=0):
                 X[tr] @ beta, time[tr], event[tr]
             )
     best = np.flatnonzero(cvpl >= cvpl.max() - 1e-9)
-    return int(best[0]), cvpl  # alphas decrease along the path: the first is the largest
+    return int(best[0])  # alphas decrease along the path: the first is the largest
 
 
 def fit_predict_cox(Xtr, ytr, gtr, Xte, l1_ratio=DEFAULT_L1_RATIO, inner_k=3, seed=0):
@@ -108,7 +100,7 @@ def fit_predict_cox(Xtr, ytr, gtr, Xte, l1_ratio=DEFAULT_L1_RATIO, inner_k=3, se
     if not event.any():
         return np.zeros(len(Xte)), float("nan")
     alphas, coefs = fit_path(Xtr, time, event, l1_ratio)
-    a, _ = select_alpha(Xtr, time, event, np.asarray(gtr), alphas, l1_ratio, inner_k, seed)
+    a = select_alpha(Xtr, time, event, np.asarray(gtr), alphas, l1_ratio, inner_k, seed)
     return Xte @ coefs[:, a], float(alphas[a])
 
 

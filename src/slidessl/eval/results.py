@@ -22,6 +22,7 @@ import numpy as np
 
 from slidessl.data.tasks import Task
 from slidessl.eval.metrics import bootstrap_ci, task_metrics
+from slidessl.eval.survival import summarize_survival
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -37,8 +38,6 @@ def summarize(
     """Statistics of one task from its out-of-fold ``scores`` (binary and survival (n,),
     else (n, C)); survival tasks get C-indices (``eval.survival.summarize_survival``)."""
     if task.kind == "survival":
-        from slidessl.eval.survival import summarize_survival
-
         return summarize_survival(task, fold, scores, n_boot=n_boot, seed=seed)
     per_fold = []
     for f in range(int(fold.max()) + 1):

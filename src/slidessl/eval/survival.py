@@ -86,7 +86,8 @@ def bootstrap_cindex(time, event, risk, n_boot=1000, seed=0, level=0.95):
     return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))], int(v.size)
 
 
-def _structured(time, event):
+def surv_array(time, event):
+    """scikit-survival's structured ``(event, time)`` array."""
     from sksurv.util import Surv
 
     return Surv.from_arrays(event=np.asarray(event, dtype=bool), time=np.asarray(time, float))
@@ -99,7 +100,7 @@ def uno_cindex(time, event, risk, tau: float | None = None) -> tuple[float, floa
 
     t = np.asarray(time, dtype=np.float64)
     tau = float(np.quantile(t, UNO_TAU_QUANTILE)) if tau is None else float(tau)
-    y = _structured(t, event)
+    y = surv_array(t, event)
     try:
         c = concordance_index_ipcw(y, y, np.asarray(risk, dtype=np.float64), tau=tau)[0]
     except ValueError:  # e.g. the censoring distribution reaches zero before tau
@@ -122,7 +123,7 @@ def logrank(time, event, group) -> tuple[float, float]:
     group = np.asarray(group)
     if len(np.unique(group)) < 2:
         return float("nan"), float("nan")
-    chi2, p = compare_survival(_structured(time, event), group)
+    chi2, p = compare_survival(surv_array(time, event), group)
     return float(chi2), float(p)
 
 
