@@ -146,8 +146,3 @@ def fit_path(
     for i in np.argsort(Cs, kind="stable"):
         out[i] = path.fit(float(Cs[i]))
     return out
-
-
-def log_loss(y: np.ndarray, f: np.ndarray) -> float:
-    """Mean binary cross-entropy of logits ``f`` (stable)."""
-    return float(np.mean(np.logaddexp(0.0, f) - y * f))
